@@ -26,6 +26,7 @@ __all__ = [
     "balancedness",
     "layer_balancedness",
     "count_moves",
+    "peak_lower_bound",
 ]
 
 
@@ -182,3 +183,19 @@ def count_moves(old: np.ndarray, new: np.ndarray, g: Geometry) -> MoveCounts:
         cross_node=int((~local & ~same_node).sum()),
         local=int(local.sum()),
     )
+
+
+def peak_lower_bound(loads: np.ndarray, g: Geometry) -> np.ndarray:
+    """[L] a lower bound on the peak rank load any valid placement can reach.
+
+    ``max(mean rank load, m*)`` where m* = min over replica counts (each expert
+    1..max_replicas replicas, P in all) of max_e load_e / count_e: every rank
+    carries at least the mean, and the rank holding the replica with the largest
+    share carries at least that share. m* is reached by handing the P - E spare
+    slots one by one to the expert with the largest load per replica.
+    """
+    from eplbd.policy._common import replicate  # here: policy imports this module
+
+    w = np.asarray(loads, dtype=np.float64)
+    counts = replicate(w, g.num_slots, cap=g.max_replicas)
+    return np.maximum(w.sum(axis=1) / g.num_ranks, (w / counts).max(axis=1))

@@ -19,6 +19,13 @@ Op kinds, seen from the rank that owns the op list:
 
 In each round a rank exchanges with at most one peer (it may both send to and
 receive from it); COPY ops carry round 0 and need no peer.
+
+Slot fields are local slot indices in [0, S) (global slot = rank * S + slot).
+Within a (layer, rank) row, ops are sorted by (round, kind, src_slot, dst_slot)
+and that key is unique, so the SENDs of rank u to v in a round appear in the
+same order as the matching RECVs of v from u: point-to-point messages between
+a pair match in issue order. Several transfers between one pair may share a
+round. ``eplbd.planner`` builds and validates plans.
 """
 
 from __future__ import annotations
@@ -28,9 +35,16 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["OP_DTYPE", "SEND", "RECV", "COPY", "Plan", "plan_hash"]
+__all__ = ["OP_DTYPE", "SEND", "RECV", "COPY", "KIND_NAMES", "Plan", "PlanError", "plan_hash"]
 
 SEND, RECV, COPY = 0, 1, 2
+KIND_NAMES = ("SEND", "RECV", "COPY")
+
+
+class PlanError(ValueError):
+    """A plan is malformed or does not turn its base placement into its new one;
+    the message names the check that failed and where (layer, rank, op index)."""
+
 
 OP_DTYPE = np.dtype(
     [

@@ -1,0 +1,679 @@
+"""The rank client: record, sync, agree, transfer, commit (DESIGN.md steps 1, 2, 3, 5, 6, 7).
+
+Usage on every EP rank (same calls, same order on every rank)::
+
+    client = EplbClient(host, geometry, "eplbd.job.model", group=ep_group)
+    for step in ...:
+        ...forward; after dispatch in each MoE layer: client.record(layer, counts)  # [S]
+        client.step()                      # once per forward step, after the forward
+    client.close()
+
+Threads. Everything in :meth:`EplbClient.step` runs on the forward thread and
+never blocks on the daemon or on transfers. A *worker* thread reads and
+validates plans from shm and stages experts (:mod:`eplbd_client.transfer`),
+using its own process group for p2p (gloo cannot interleave p2p from one thread
+with collectives from another on one group) and its own stream on devices with
+streams. The node leader has a *publisher* thread that does the shm writes
+(window, plan status, placement in force) and rings the doorbell.
+
+Sync n (every K = ``sync_interval`` steps, at the same step on every rank):
+
+1. wait for the all-gather launched at sync n-1 (it has long finished) and
+   read its matrix [R, L*S + NUM_WORDS]: window n-1's counts and every rank's
+   control words;
+2. the node leader queues window n-1 for publishing: physical counts [R, L, S]
+   -> logical loads [L, E] with the placement that was in force while they
+   were recorded (remembered at sync n-1, since commits only happen at syncs);
+3. :func:`eplbd_client.control.decide` -> start / commit / abort / reject;
+   commits copy staged experts into slots and switch the host's tables;
+4. poll ``latest_plan_id`` (one word) and hand a new plan to the worker for
+   reading and validation;
+5. pack this rank's counts (drained from the recorder) and control words and
+   launch the next all-gather (``async_op=True``).
+
+Stop-the-world mode (``mode="stw"``) executes a plan at the sync where it
+starts, synchronously on the forward thread, layer by layer, with one
+all-reduce of an error flag per layer so all ranks commit or abort together.
+It exists to compare against the asynchronous mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplbd.geometry import Geometry
+from eplbd.placement import default_phy2log, validate_phy2log
+from eplbd.plan import Plan, PlanError, plan_hash
+from eplbd.planner import validate_plan
+from eplbd.shm import (
+    PLAN_ABORTED,
+    PLAN_COMMITTED,
+    PLAN_REJECTED,
+    PLAN_STARTED,
+    Domain,
+    PlanStatus,
+)
+
+from . import control as C
+from .device import DeviceOps
+from .host import ExpertHost
+from .recorder import LoadRecorder
+from .transfer import PlanTransfer, TransferError
+
+__all__ = ["ClientConfig", "ClientStats", "EplbClient"]
+
+log = logging.getLogger("eplbd_client")
+
+MODES = ("async", "stw")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Client settings. Those marked (*) must be equal on every rank (checked at the first syncs).
+
+    - sync_interval (*): K, forward steps per sync (and per window).
+    - mode (*): "async" (transfers on the worker thread) or "stw" (stop-the-world baseline).
+    - max_staged_experts (*): staging entries per rank; None = S (enough for any one layer).
+      More lets the worker stage layers ahead of the commits.
+    - plan_timeout_syncs (*): abort a plan with no commit progress for this many syncs.
+    - p2p_timeout_s: bound on every p2p wait of the transfer (CPU/gloo; on stream
+      devices the backend's process-group timeout applies).
+    - gather_timeout_s: bound on waiting for the previous sync's all-gather.
+    - ranks_per_node: node of rank r is r // ranks_per_node; None = geometry's R / N.
+    - ring_capacity, shm_mode: for Domain.create (node leader).
+    - unlink_on_close: the leader removes the shm domain in :meth:`EplbClient.close`.
+    """
+
+    sync_interval: int = 16
+    mode: str = "async"
+    max_staged_experts: int | None = None
+    plan_timeout_syncs: int = 64
+    p2p_timeout_s: float = 10.0
+    gather_timeout_s: float = 60.0
+    ranks_per_node: int | None = None
+    ring_capacity: int = 64
+    shm_mode: int = 0o600
+    unlink_on_close: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sync_interval < 1:
+            raise ValueError(f"sync_interval must be >= 1, got {self.sync_interval}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_staged_experts is not None and self.max_staged_experts < 1:
+            raise ValueError(f"max_staged_experts must be >= 1, got {self.max_staged_experts}")
+        if self.plan_timeout_syncs < 2:
+            raise ValueError(f"plan_timeout_syncs must be >= 2, got {self.plan_timeout_syncs}")
+        for k in ("p2p_timeout_s", "gather_timeout_s"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} must be > 0")
+
+
+@dataclasses.dataclass
+class ClientStats:
+    """Counters. The plan counters are replicated (equal on every rank at equal syncs)."""
+
+    steps: int = 0
+    syncs: int = 0
+    plans_started: int = 0
+    plans_committed: int = 0
+    plans_aborted: int = 0
+    plans_rejected: int = 0
+    layers_committed: int = 0
+    last_error: int = 0
+    last_error_plan: int = -1
+    last_error_message: str = ""
+    windows_published: int = 0
+    publish_errors: int = 0
+    poll_errors: int = 0
+    stw_seconds: float = 0.0  # forward-thread time spent in stop-the-world transfers
+    history: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (event, plan, sync)
+
+
+class _Cand(NamedTuple):
+    plan_id: int
+    plan_hash: int
+    base_epoch: int
+    status: int  # C.CAND_OK / C.CAND_STALE / C.ERR_*
+    validated_epoch: int
+
+
+class _Worker:
+    """One thread running jobs in submission order."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._t = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._t.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._q.put(fn)
+
+    def _loop(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:  # jobs report their own errors; never kill the thread
+                log.exception("eplbd_client: worker job failed")
+
+    def stop(self, timeout: float) -> None:
+        self._q.put(None)
+        self._t.join(timeout)
+
+
+class EplbClient:
+    """One EP rank's side of eplbd. Construction is collective over the EP group
+    (and over the default group when ``transfer_group`` is not given)."""
+
+    def __init__(
+        self,
+        host: ExpertHost,
+        geometry: Geometry,
+        domain_name: str,
+        *,
+        group: Any = None,
+        transfer_group: Any = None,
+        config: ClientConfig | None = None,
+        phy2log: np.ndarray | None = None,
+        epoch: int = 0,
+    ) -> None:
+        """``domain_name`` may contain ``{node}`` (formatted with this rank's node id).
+        ``phy2log`` [L, P]: the placement the host starts with (default: slot p holds p mod E)."""
+        self.config = cfg = config or ClientConfig()
+        self.g = g = geometry
+        self.host = host
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        if self.world != g.num_ranks:
+            raise ValueError(f"EP group has {self.world} ranks, geometry says {g.num_ranks}")
+        if host.num_moe_layers != g.num_layers:
+            raise ValueError(f"host has {host.num_moe_layers} MoE layers, geometry says {g.num_layers}")
+        L, S = g.num_layers, g.slots_per_rank
+        self.rpn = cfg.ranks_per_node or g.ranks_per_node
+        self.node = self.rank // self.rpn
+        self.is_leader = self.rank % self.rpn == 0
+        self.domain_name = domain_name.format(node=self.node)
+        self.capacity = cfg.max_staged_experts or S
+        self.stats = ClientStats()
+
+        p2l = default_phy2log(g) if phy2log is None else validate_phy2log(phy2log, g).copy()
+        self._phy2log = p2l  # never mutated in place: commits replace it (snapshots stay valid)
+        self.state = C.Agreed(epoch=int(epoch))
+        self._config_digest = zlib.crc32(
+            repr((cfg.sync_interval, cfg.mode, self.capacity, cfg.plan_timeout_syncs, g.to_dict())).encode()
+        )
+
+        # Recording and gather buffers.
+        self.dev = DeviceOps(host.device)
+        self.recorder = LoadRecorder(L, S, host.device)
+        self.record = self.recorder.record  # bound method: no extra frame per call
+        backend = dist.get_backend(group)
+        comm_device = torch.device("cpu") if backend == "gloo" else torch.device(host.device)
+        self._comm_same_device = comm_device == torch.device(host.device)
+        self._ls = L * S
+        width = self._ls + C.NUM_WORDS
+        self._send = torch.zeros(width, dtype=torch.int64, device=comm_device)
+        self._recv = torch.zeros(self.world * width, dtype=torch.int64, device=comm_device)
+        self._host_recv = (
+            self._recv
+            if comm_device.type == "cpu"
+            else self.dev.pinned_empty((self.world * width,), torch.int64)
+        )
+        self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
+        self._words_t = torch.from_numpy(self._words_np)
+        self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray]] | None = None
+        self._comm_stream = self.dev.new_stream()
+        self._xfer_stream = self.dev.new_stream()
+        self._step = 0
+
+        # Process group for p2p, used by the worker thread only.
+        if transfer_group is None:
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
+            transfer_group = dist.new_group(ranks=ranks, backend=backend)
+        self.transfer_group = transfer_group
+
+        # Shared memory: the leader creates, the others attach after a barrier.
+        pids = [None] * self.world
+        dist.all_gather_object(pids, os.getpid(), group=group)
+        self._dom_w: Domain | None = None
+        if self.is_leader:
+            self._dom_w = Domain.create(
+                self.domain_name,
+                g,
+                ring_capacity=cfg.ring_capacity,
+                mode=cfg.shm_mode,
+                phy2log=p2l,
+                epoch=epoch,
+            )
+            node_pids = [int(p) for r, p in enumerate(pids) if r // self.rpn == self.node]  # type: ignore[arg-type]
+            self._dom_w.set_rank_pids(node_pids)
+        dist.barrier(group=group)
+        # Separate read-only attachments per thread: the forward thread polls one
+        # word, the worker reads whole plans; neither shares mmap state with writes.
+        self._dom_poll = Domain.attach(self.domain_name, geometry=g)
+        self._dom_read = Domain.attach(self.domain_name, geometry=g)
+
+        self._cand: _Cand | None = None
+        self._validated: OrderedDict[int, tuple[int, Plan]] = OrderedDict()
+        self._validating = False
+        self._xfer: PlanTransfer | None = None
+        self._exec_err = 0
+        self._abort_req = False
+        self._closed = False
+        self._worker = _Worker(f"eplbd-worker-r{self.rank}")
+        self._pub: _Worker | None = _Worker(f"eplbd-publisher-r{self.rank}") if self.is_leader else None
+
+    # ------------------------------------------------------------------ info
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def phy2log(self) -> np.ndarray:
+        """The placement in force [L, P] (read-only snapshot)."""
+        return self._phy2log
+
+    @property
+    def active_plan(self) -> int:
+        return self.state.active_id
+
+    def request_abort(self) -> None:
+        """Ask every rank to abort the plan in progress at the next decision."""
+        self._abort_req = True
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> None:
+        """Call once per forward step on every rank, after the step's record() calls."""
+        self._step += 1
+        if self._step % self.config.sync_interval:
+            return
+        self._sync()
+
+    def _sync(self) -> None:
+        st = self.state
+        n = self.stats.syncs
+        st.sync = n
+        self.stats.steps = self._step
+        # The counts in the recorder were taken under the placement in force
+        # *before* this sync's decision (commits only happen here): capture it.
+        K = self.config.sync_interval
+        meta = (n, self._step - K, self._step, st.epoch, self._phy2log)
+        if self._pending is not None:
+            words = self._finish_gather()
+            d = C.decide(words, st, self.config.plan_timeout_syncs)
+            if d.kind != C.NONE:
+                self._apply(d)
+        self._poll()
+        self._pack()
+        self._launch(meta)
+        self.stats.syncs = n + 1
+
+    def _finish_gather(self) -> np.ndarray:
+        assert self._pending is not None
+        work, ev, meta = self._pending
+        self._pending = None
+        work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+        self.dev.synchronize_event(ev)  # device->host copy queued at launch; long done
+        mat = self._host_recv.numpy().reshape(self.world, self._ls + C.NUM_WORDS)
+        if self._pub is not None:
+            counts = mat[:, : self._ls].copy()
+            self._pub.submit(lambda: self._publish_window(counts, meta))
+        return mat[:, self._ls :].copy()
+
+    def _launch(self, meta: tuple[int, int, int, int, np.ndarray]) -> None:
+        """Drain the recorder and the words into the send buffer; start the all-gather."""
+        if self._comm_same_device:
+            self.recorder.drain_into(self._send[: self._ls])
+            self._send[self._ls :].copy_(self._words_t, non_blocking=True)
+        else:  # e.g. CUDA weights with a gloo group: a synchronous hop through host memory
+            self._send[: self._ls].copy_(self.recorder.acc.view(-1))
+            self.recorder.acc.zero_()
+            self._send[self._ls :].copy_(self._words_t)
+        ev = None
+        if self._comm_stream is not None and self._comm_same_device:
+            self.dev.wait_event(self.dev.record_event(), self._comm_stream)
+            with self.dev.use_stream(self._comm_stream):
+                work = self._gather(self._recv, self._send, group=self.group, async_op=True)
+                work.wait()  # stream-ordered: the copy below runs after the collective
+                self._host_recv.copy_(self._recv, non_blocking=True)
+                ev = self.dev.record_event(self._comm_stream)
+        else:
+            work = self._gather(self._recv, self._send, group=self.group, async_op=True)
+        self._pending = (work, ev, meta)
+
+    # ------------------------------------------------------------------ decisions
+    def _apply(self, d: C.Decision) -> None:
+        st = self.state
+        if d.kind == C.START:
+            self._start(d)
+        elif d.kind == C.COMMIT:
+            self._commit(d.commit_to)
+        elif d.kind == C.ABORT:
+            self._finish_plan(PLAN_ABORTED, d.error, self._xfer.error_message if self._xfer else "")
+        elif d.kind == C.REJECT:
+            st.last_decided_id = d.plan_id
+            self.stats.plans_rejected += 1
+            self._note_error(d.plan_id, d.error, "plan rejected")
+            self.stats.history.append(("reject", d.plan_id, st.sync))
+            self._queue_status(PlanStatus(d.plan_id, PLAN_REJECTED, 0, d.error, time.time_ns()))
+
+    def _start(self, d: C.Decision) -> None:
+        st = self.state
+        st.last_decided_id = d.plan_id
+        st.active_id = d.plan_id
+        st.committed = 0
+        st.last_progress_sync = st.sync
+        self._exec_err = 0
+        self._abort_req = False
+        self.stats.plans_started += 1
+        self.stats.history.append(("start", d.plan_id, st.sync))
+        entry = self._validated.get(d.plan_id)
+        xfer: PlanTransfer | None = None
+        if entry is None or entry[0] != d.plan_hash:  # cannot happen: this rank reported it OK
+            self._exec_err = C.ERR_INTERNAL
+            n_layers = 1  # unknown; the abort at the next sync makes it moot
+            base = -1
+        else:
+            plan = entry[1]
+            base = plan.base_epoch
+            try:
+                xfer = PlanTransfer(
+                    plan,
+                    self.g,
+                    self.rank,
+                    self.host,
+                    self.transfer_group,
+                    self.dev,
+                    self.capacity,
+                    self.config.p2p_timeout_s,
+                    stream=self._xfer_stream,
+                )
+                n_layers = xfer.num_layers
+            except Exception as e:
+                log.error("eplbd_client rank %d: cannot set up plan %d: %s", self.rank, d.plan_id, e)
+                self._exec_err = C.ERR_INTERNAL
+                n_layers = 1
+        self._xfer = xfer
+        st.active_base = base
+        st.active_layers = n_layers
+        self._queue_status(PlanStatus(d.plan_id, PLAN_STARTED, 0, 0, time.time_ns()))
+        log.info(
+            "eplbd_client rank %d: start plan %d (%d layers) at sync %d",
+            self.rank,
+            d.plan_id,
+            n_layers,
+            st.sync,
+        )
+        if xfer is not None and n_layers == 0:  # nothing moves: the epoch is renamed only
+            st.epoch = d.plan_id
+            self._queue_placement()
+            self._finish_plan(PLAN_COMMITTED, 0)
+            return
+        if xfer is None:
+            return
+        if self.config.mode == "stw":
+            self._run_stw(xfer)
+        else:
+            self._worker.submit(xfer.run)
+
+    def _run_stw(self, xfer: PlanTransfer) -> None:
+        """Stop-the-world: every layer staged and committed now, on the forward thread."""
+        t0 = time.perf_counter()
+        flag = torch.zeros(1, dtype=torch.int64)
+        if self._comm_same_device:
+            flag = flag.to(self._send.device)
+        for j in range(xfer.num_layers):
+            err = 0
+            try:
+                if xfer.gate_error is not None:
+                    raise xfer.gate_error
+                xfer.staged.append(xfer.transfer_layer(j))
+            except TransferError as e:
+                err, xfer.error_message = e.code, str(e)
+            flag.fill_(err)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            err = int(flag.item())
+            if err:
+                self._finish_plan(PLAN_ABORTED, err, xfer.error_message)
+                break
+            self._commit(j + 1)
+        self.stats.stw_seconds += time.perf_counter() - t0
+
+    def _commit(self, upto: int) -> None:
+        st = self.state
+        xfer = self._xfer
+        assert xfer is not None
+        layers = xfer.commit(upto)
+        st.committed = upto
+        st.last_progress_sync = st.sync
+        self.stats.layers_committed += len(layers)
+        new = self._phy2log.copy()
+        new[layers] = xfer.plan.phy2log[layers]
+        self._phy2log = new
+        full = upto >= st.active_layers
+        st.epoch = st.active_id if full else C.partial_epoch(st.active_id, upto)
+        # Placement before status: a daemon that sees the status final must find
+        # the new placement already in force.
+        self._queue_placement()
+        if full:
+            self.stats.history.append(("commit", st.active_id, st.sync))
+            self._finish_plan(PLAN_COMMITTED, 0)
+        else:
+            self._queue_status(PlanStatus(st.active_id, PLAN_STARTED, upto, 0, time.time_ns()))
+
+    def _finish_plan(self, state: int, error: int, message: str = "") -> None:
+        st = self.state
+        pid = st.active_id
+        if self._xfer is not None:
+            self._xfer.abort()  # no-op for a finished transfer; stops a running one
+        if state == PLAN_COMMITTED:
+            self.stats.plans_committed += 1
+        else:
+            self.stats.plans_aborted += 1
+            self.stats.history.append(("abort", pid, st.sync))
+            self._note_error(
+                pid,
+                error,
+                f"plan aborted after {st.committed}/{st.active_layers} layers"
+                + (f": {message}" if message else ""),
+            )
+        self._queue_status(PlanStatus(pid, state, st.committed, error, time.time_ns()))
+        st.active_id = -1
+        st.active_base = -1
+        st.active_layers = 0
+        st.committed = 0
+        self._xfer = None
+        self._exec_err = 0
+        self._abort_req = False
+
+    def _note_error(self, plan_id: int, code: int, what: str) -> None:
+        self.stats.last_error = code
+        self.stats.last_error_plan = plan_id
+        self.stats.last_error_message = f"{what}: {C.error_name(code)}"
+        log.warning("eplbd_client rank %d: plan %d: %s (%s)", self.rank, plan_id, what, C.error_name(code))
+
+    # ------------------------------------------------------------------ plans from shm
+    def _poll(self) -> None:
+        st = self.state
+        if st.active_id >= 0 or self._validating:
+            return
+        try:
+            latest = self._dom_poll.latest_plan_id()
+        except Exception as e:  # a broken segment must not stop inference
+            self.stats.poll_errors += 1
+            if self.stats.poll_errors == 1:
+                log.error("eplbd_client rank %d: cannot poll plan id: %s", self.rank, e)
+            return
+        if latest <= st.last_decided_id:
+            return
+        c = self._cand
+        # Known plan: re-validate only when the epoch moved onto its base.
+        revalidate = (
+            c is not None
+            and c.status in (C.CAND_OK, C.CAND_STALE)
+            and (c.validated_epoch != st.epoch and c.base_epoch == st.epoch)
+        )
+        if c is not None and c.plan_id >= latest and not revalidate:
+            return
+        self._validating = True
+        epoch, p2l = st.epoch, self._phy2log
+        self._worker.submit(lambda: self._validate(latest, epoch, p2l))
+
+    def _validate(self, latest: int, epoch: int, p2l: np.ndarray) -> None:
+        """Worker thread: read the current plan and check it against placement (epoch, p2l)."""
+        try:
+            try:
+                plan = self._dom_read.read_plan()
+            except Exception as e:
+                plan = None
+                why = f"{type(e).__name__}: {e}"
+            else:
+                why = "no plan"
+            if plan is None:
+                self._cand = _Cand(latest, 0, -1, C.ERR_UNREADABLE, epoch)
+                log.warning("eplbd_client rank %d: plan %d unreadable: %s", self.rank, latest, why)
+                return
+            h = plan_hash(plan)
+            if plan.base_epoch != epoch:
+                self._cand = _Cand(plan.plan_id, h, plan.base_epoch, C.CAND_STALE, epoch)
+                return
+            try:
+                validate_plan(plan, p2l, self.g)
+            except (PlanError, ValueError) as e:
+                self._cand = _Cand(plan.plan_id, h, plan.base_epoch, C.ERR_INVALID, epoch)
+                log.warning("eplbd_client rank %d: plan %d invalid: %s", self.rank, plan.plan_id, e)
+                return
+            self._validated[plan.plan_id] = (h, plan)
+            while len(self._validated) > 8:
+                self._validated.popitem(last=False)
+            self._cand = _Cand(plan.plan_id, h, plan.base_epoch, C.CAND_OK, epoch)
+        except Exception as e:
+            self._cand = _Cand(latest, 0, -1, C.ERR_INTERNAL, epoch)
+            log.exception("eplbd_client rank %d: validating plan %d: %s", self.rank, latest, e)
+        finally:
+            self._validating = False
+
+    # ------------------------------------------------------------------ control words
+    def _pack(self) -> None:
+        st = self.state
+        w = self._words_np
+        w[C.W_SYNC] = st.sync
+        w[C.W_EPOCH] = st.epoch
+        w[C.W_ACTIVE] = st.active_id
+        w[C.W_COMMITTED] = st.committed
+        w[C.W_CONFIG] = self._config_digest
+        c = self._cand
+        if c is None:
+            w[C.W_CAND_ID], w[C.W_CAND_HASH], w[C.W_CAND_BASE], w[C.W_CAND_STATUS] = -1, 0, -1, C.CAND_PENDING
+        else:
+            if c.status >= 16:
+                status = c.status
+            elif c.status == C.CAND_OK and c.validated_epoch == st.epoch:
+                status = C.CAND_OK
+            else:
+                status = C.CAND_STALE if c.base_epoch != st.epoch else C.CAND_PENDING
+            w[C.W_CAND_ID], w[C.W_CAND_HASH], w[C.W_CAND_BASE], w[C.W_CAND_STATUS] = (
+                c.plan_id,
+                c.plan_hash,
+                c.base_epoch,
+                status,
+            )
+        xfer = self._xfer
+        if st.active_id >= 0:
+            w[C.W_STAGED] = xfer.staged_count() if xfer is not None else 0
+            w[C.W_EXEC_ERR] = self._exec_err or (xfer.error if xfer is not None else 0)
+            w[C.W_ABORT_REQ] = int(self._abort_req)
+        else:
+            w[C.W_STAGED] = w[C.W_EXEC_ERR] = w[C.W_ABORT_REQ] = 0
+
+    # ------------------------------------------------------------------ leader: shm writes
+    def _queue_status(self, status: PlanStatus) -> None:
+        if self._pub is not None:
+            self._pub.submit(lambda: self._pub_call("plan status", self._dom_w.write_plan_status, status))
+
+    def _queue_placement(self) -> None:
+        if self._pub is not None:
+            epoch, p2l = self.state.epoch, self._phy2log
+            self._pub.submit(lambda: self._pub_call("placement", self._dom_w.write_placement, epoch, p2l))
+
+    def _pub_call(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # shm trouble must never stop inference; count and log once
+            self.stats.publish_errors += 1
+            if self.stats.publish_errors <= 3:
+                log.error(
+                    "eplbd_client rank %d: writing %s to %s failed: %s", self.rank, what, self.domain_name, e
+                )
+
+    def _publish_window(self, counts: np.ndarray, meta: tuple[int, int, int, int, np.ndarray]) -> None:
+        """Publisher thread: counts [R, L*S] of window ``meta[0]`` -> logical loads [L, E] -> ring."""
+        window_id, step_begin, step_end, epoch, p2l = meta
+        g = self.g
+        L, E, S, R = g.num_layers, g.num_experts, g.slots_per_rank, self.world
+        phys = counts.reshape(R, L, S).transpose(1, 0, 2).reshape(L, R * S)  # [L, P]
+        idx = (p2l.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
+        loads = np.bincount(idx, weights=phys.ravel().astype(np.float64), minlength=L * E)
+        loads = np.rint(loads).astype(np.int64).reshape(L, E)
+        assert self._dom_w is not None
+        try:
+            self._dom_w.write_window(window_id, loads, epoch=epoch, step_begin=step_begin, step_end=step_end)
+            self._dom_w.ring_doorbell()
+            self.stats.windows_published += 1
+        except Exception as e:
+            self._pub_call("window", _raise, e)
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Stop threads, abort a plan in progress locally, release shm (leader unlinks if configured)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._xfer is not None:
+            self._xfer.abort()
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                self._pending[0].wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+            self._pending = None
+        self._worker.stop(timeout=self.config.p2p_timeout_s + 5)
+        if self._pub is not None:
+            self._pub.stop(timeout=10)
+        for d in (self._dom_poll, self._dom_read):
+            d.close()
+        if self._dom_w is not None:
+            if self.config.unlink_on_close:
+                try:
+                    self._dom_w.unlink()
+                except Exception as e:
+                    log.warning("eplbd_client: unlink %s: %s", self.domain_name, e)
+            self._dom_w.close()
+
+    def __enter__(self) -> EplbClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _raise(e: Exception) -> None:
+    raise e

@@ -1,0 +1,195 @@
+"""Control words and the agreement rule (DESIGN.md steps 2 and 5), pure numpy.
+
+At every sync each rank all-gathers ``[L*S counts | NUM_WORDS control words]``
+(int64). The matrix gathered at sync n is read at sync n+1 and fed to
+:func:`decide` together with the *agreed state* (:class:`Agreed`), which every
+rank holds identically because every rank applies the same decisions to the same
+matrices in the same order. Hence all ranks start, commit, reject and abort at
+the same sync with no extra collective.
+
+Words, per rank (``words[r, W_*]``):
+
+======================  =====================================================
+``W_SYNC``              sync index the words were packed at (replicated)
+``W_EPOCH``             epoch in force (replicated)
+``W_ACTIVE``            id of the plan in progress, -1 none (replicated)
+``W_COMMITTED``         changed layers of it committed so far (replicated)
+``W_CONFIG``            digest of settings that must match on all ranks
+``W_CAND_ID``           newest plan id this rank read from shm, -1 none
+``W_CAND_HASH``         its plan_hash (0 when unreadable)
+``W_CAND_BASE``         its base epoch
+``W_CAND_STATUS``       CAND_OK / CAND_PENDING / CAND_STALE or an ERR_* code
+``W_STAGED``            changed layers of the active plan staged on this rank
+                        (a prefix count that includes committed layers)
+``W_EXEC_ERR``          ERR_* of this rank's transfer of the active plan, 0 ok
+``W_ABORT_REQ``         1 when this rank asks to abort the active plan
+======================  =====================================================
+
+Epochs. Epoch ``b`` is the placement a plan with ``base_epoch == b`` starts
+from. After all changed layers of plan X are committed the epoch is ``X.id``.
+Commits are per layer, so between the first and the last commit (and after an
+abort that left some layers committed) the placement is a mix that no plan
+produced; it gets the epoch :func:`partial_epoch` ``(X.id, c)`` =
+``2**62 | c << 40 | X.id`` with c the committed changed layers (0 < c < n).
+Every placement thus has a unique epoch, and a plan built on any of them can be
+validated exactly. An abort with nothing committed keeps the base epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "NUM_WORDS",
+    "Agreed",
+    "AgreementError",
+    "Decision",
+    "decide",
+    "partial_epoch",
+    "error_name",
+]
+
+(
+    W_SYNC,
+    W_EPOCH,
+    W_ACTIVE,
+    W_COMMITTED,
+    W_CONFIG,
+    W_CAND_ID,
+    W_CAND_HASH,
+    W_CAND_BASE,
+    W_CAND_STATUS,
+    W_STAGED,
+    W_EXEC_ERR,
+    W_ABORT_REQ,
+) = range(12)
+NUM_WORDS = 12
+REPLICATED = (W_SYNC, W_EPOCH, W_ACTIVE, W_COMMITTED, W_CONFIG)
+
+# Candidate status values (below 16) and error codes (16 and up; also written to
+# PlanStatus.error by the node leader).
+CAND_OK, CAND_PENDING, CAND_STALE = 0, 1, 2
+ERR_NONE = 0
+ERR_UNREADABLE = 16  # the plan in shm could not be read (torn, CRC, layout)
+ERR_INVALID = 17  # validate_plan rejected it
+ERR_HASH_MISMATCH = 18  # ranks read different plans under one id
+ERR_STALE_BASE = 19  # base epoch is not the epoch in force
+ERR_STAGING = 20  # max_staged_experts below one layer's need
+ERR_TRANSFER = 21  # a p2p transfer failed or timed out
+ERR_TIMEOUT = 22  # no commit progress for plan_timeout_syncs syncs
+ERR_ABORT_REQUESTED = 23  # a rank asked to abort (request_abort, shutdown)
+ERR_INTERNAL = 24  # unexpected exception on a rank
+
+_ERR_NAMES = {
+    ERR_NONE: "none",
+    ERR_UNREADABLE: "unreadable",
+    ERR_INVALID: "invalid",
+    ERR_HASH_MISMATCH: "hash_mismatch",
+    ERR_STALE_BASE: "stale_base_epoch",
+    ERR_STAGING: "staging_too_small",
+    ERR_TRANSFER: "transfer_failed",
+    ERR_TIMEOUT: "timeout",
+    ERR_ABORT_REQUESTED: "abort_requested",
+    ERR_INTERNAL: "internal",
+}
+
+_PARTIAL_BIT = 1 << 62
+
+
+def error_name(code: int) -> str:
+    return _ERR_NAMES.get(int(code), f"error_{int(code)}")
+
+
+def partial_epoch(plan_id: int, committed: int) -> int:
+    """Epoch of a placement with ``committed`` (>= 1, < all) changed layers of ``plan_id`` applied."""
+    if not (0 < committed < (1 << 21)) or not (0 <= plan_id < (1 << 40)):
+        raise ValueError(f"partial_epoch: plan_id {plan_id} / committed {committed} out of range")
+    return _PARTIAL_BIT | (committed << 40) | plan_id
+
+
+class AgreementError(RuntimeError):
+    """Ranks disagree on replicated state: a bug or mismatched settings; not recoverable."""
+
+
+@dataclasses.dataclass
+class Agreed:
+    """State every rank holds identically (changed only through :func:`decide`'s decisions)."""
+
+    epoch: int
+    sync: int = 0
+    active_id: int = -1
+    active_base: int = -1
+    active_layers: int = 0  # changed layers of the active plan
+    committed: int = 0  # changed layers committed
+    last_progress_sync: int = 0
+    last_decided_id: int = -1  # plans with id <= this are never started again
+
+
+# Decision kinds.
+NONE, START, COMMIT, ABORT, REJECT = "none", "start", "commit", "abort", "reject"
+
+
+class Decision(NamedTuple):
+    kind: str
+    plan_id: int = -1
+    commit_to: int = 0  # COMMIT: changed layers [committed, commit_to) commit now
+    error: int = ERR_NONE
+    plan_hash: int = 0  # START: the agreed hash
+
+
+def check_replicated(words: np.ndarray) -> None:
+    """Raise AgreementError if the replicated words differ between ranks. words: [R, NUM_WORDS]."""
+    rep = words[:, REPLICATED]
+    bad = (rep != rep[0]).any(axis=0)
+    if bad.any():
+        names = ("sync", "epoch", "active", "committed", "config")
+        which = [names[i] for i in np.flatnonzero(bad)]
+        raise AgreementError(
+            f"ranks disagree on replicated state {which}: "
+            + "; ".join(f"{n}={rep[:, i].tolist()}" for i, n in enumerate(names) if bad[i])
+        )
+
+
+def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
+    """The one decision all ranks take at this sync from the gathered words [R, NUM_WORDS].
+
+    ``st`` is the agreed state *now* (its ``sync`` is the current sync index);
+    ``words`` were packed at the previous sync, after that sync's decision.
+    Pure and deterministic: equal inputs give equal decisions on every rank.
+    """
+    check_replicated(words)
+    if st.active_id >= 0:
+        if int(words[0, W_ACTIVE]) != st.active_id:
+            # Packed before this plan started (cannot happen: START is applied
+            # before packing); treat as no information rather than guessing.
+            return Decision(NONE)
+        err = words[:, W_EXEC_ERR]
+        if (err != 0).any():
+            return Decision(ABORT, st.active_id, error=int(err[np.flatnonzero(err)[0]]))
+        if (words[:, W_ABORT_REQ] != 0).any():
+            return Decision(ABORT, st.active_id, error=ERR_ABORT_REQUESTED)
+        staged = int(words[:, W_STAGED].min())
+        if staged > st.committed:
+            return Decision(COMMIT, st.active_id, commit_to=min(staged, st.active_layers))
+        if st.sync - st.last_progress_sync >= timeout_syncs:
+            return Decision(ABORT, st.active_id, error=ERR_TIMEOUT)
+        return Decision(NONE)
+
+    ids = words[:, W_CAND_ID]
+    x = int(ids[0])
+    if x <= st.last_decided_id or (ids != x).any():
+        return Decision(NONE)  # nothing new, or not every rank has read the same plan yet
+    status = words[:, W_CAND_STATUS]
+    errs = status[status >= 16]
+    if errs.size:
+        return Decision(REJECT, x, error=int(errs[0]))
+    if (words[:, W_CAND_HASH] != words[0, W_CAND_HASH]).any():
+        return Decision(REJECT, x, error=ERR_HASH_MISMATCH)
+    if int(words[0, W_CAND_BASE]) != st.epoch:
+        return Decision(REJECT, x, error=ERR_STALE_BASE)
+    if (status == CAND_OK).all():
+        return Decision(START, x, plan_hash=int(words[0, W_CAND_HASH]))
+    return Decision(NONE)  # some rank still validating (or re-validating for this epoch)

@@ -1,0 +1,80 @@
+"""A tiny device abstraction: side streams, events and pinned memory.
+
+CUDA (``torch.cuda``) and Ascend (``torch.npu`` from torch_npu) expose the same
+Stream/Event/stream-context API, so one class covers both by looking up the
+device module by the device type. CPU has no streams: work simply runs on the
+calling thread and every event is "done" at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["DeviceOps"]
+
+
+class DeviceOps:
+    """Streams and events of one device, or no-ops on CPU."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        mod = getattr(torch, self.device.type, None) if self.device.type != "cpu" else None
+        # Only use the module if it really has streams (cuda, npu, xpu...).
+        self._mod: Any = mod if mod is not None and hasattr(mod, "Stream") and hasattr(mod, "Event") else None
+
+    @property
+    def has_streams(self) -> bool:
+        return self._mod is not None
+
+    def new_stream(self) -> Any:
+        """A new side stream on the device, or None on CPU."""
+        return self._mod.Stream(device=self.device) if self._mod is not None else None
+
+    def current_stream(self) -> Any:
+        return self._mod.current_stream(self.device) if self._mod is not None else None
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: Any) -> Iterator[None]:
+        """Make ``stream`` current on this thread (no-op for None / CPU)."""
+        if self._mod is None or stream is None:
+            yield
+            return
+        with self._mod.stream(stream):
+            yield
+
+    def record_event(self, stream: Any = None) -> Any:
+        """Event recorded on ``stream`` (default: current stream); None on CPU."""
+        if self._mod is None:
+            return None
+        ev = self._mod.Event()
+        ev.record(stream if stream is not None else self.current_stream())
+        return ev
+
+    @staticmethod
+    def event_done(ev: Any) -> bool:
+        """Non-blocking completion check; None (CPU) is always done."""
+        return ev is None or bool(ev.query())
+
+    def wait_event(self, ev: Any, stream: Any = None) -> None:
+        """Make ``stream`` (default: current) wait for ``ev`` on the device; the host does not block."""
+        if ev is None or self._mod is None:
+            return
+        (stream if stream is not None else self.current_stream()).wait_event(ev)
+
+    @staticmethod
+    def synchronize_event(ev: Any) -> None:
+        """Block the host until ``ev`` completed (used only where it has long completed)."""
+        if ev is not None:
+            ev.synchronize()
+
+    def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host buffer for device->host copies: pinned where the device supports it."""
+        pin = self._mod is not None
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        except RuntimeError:  # pinning unavailable (no driver, container limits): plain memory
+            return torch.empty(shape, dtype=dtype)

@@ -1,0 +1,37 @@
+"""Per-slot token counts, accumulated on the device with no host sync (DESIGN.md step 1)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LoadRecorder"]
+
+
+class LoadRecorder:
+    """Accumulator ``acc`` [L, S] int64 on ``device``.
+
+    ``record(layer, counts)`` is one in-place add into a preallocated row view:
+    no allocation, no host sync (on an accelerator it is one queued kernel).
+    The client drains it at every sync (``drain_into``).
+    """
+
+    def __init__(self, num_layers: int, slots_per_rank: int, device: torch.device | str = "cpu") -> None:
+        self.num_layers = num_layers
+        self.slots_per_rank = slots_per_rank
+        self.acc = torch.zeros((num_layers, slots_per_rank), dtype=torch.int64, device=device)
+        # Row views made once: indexing acc[layer] per call would build a new view each time.
+        self._rows = list(self.acc.unbind(0))
+
+    def record(self, layer: int, counts: torch.Tensor) -> None:
+        """Add ``counts`` [S] (any integer dtype, same device) to layer ``layer``."""
+        self._rows[layer].add_(counts)
+
+    def record_all(self, counts: torch.Tensor) -> None:
+        """Add ``counts`` [L, S] at once (engines that count all layers together)."""
+        self.acc.add_(counts)
+
+    def drain_into(self, out: torch.Tensor) -> None:
+        """Copy the accumulator into ``out`` [L*S] (flat) and zero it; queued, no host sync
+        when ``out`` is on the same device."""
+        out.copy_(self.acc.view(-1), non_blocking=True)
+        self.acc.zero_()

@@ -1,0 +1,386 @@
+"""A tiny expert-parallel MoE model implementing ExpertHost, and a multi-process launcher.
+
+Used by the client's tests, its benchmark and the demo. Nothing here is needed
+in production.
+
+:class:`TinyMoE`: L MoE layers of E experts (each a 2-matrix MLP, weights
+W1 [d, h], W2 [h, d]), top-k routing over a gate with a skewed bias whose hot
+spot drifts with the step, all deterministic from (seed, step). Expert
+parallelism the simple way: every rank builds the same token batch, computes
+only the (token, expert) pairs routed to its local slots — the replica of
+expert e for token t is ``log2phy[l, e, t % replica_count[l, e]]`` — and the
+partial outputs of all layers are summed with one all-reduce per step (the
+layers act in parallel on x0). Routing depends only on x0, so it is bit-identical
+under every placement, and the output equals :meth:`TinyMoE.reference_forward`
+(one copy of every expert, no parallelism) up to float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplbd.geometry import Geometry
+from eplbd.placement import default_phy2log, log2phy_padded, replica_count
+
+__all__ = ["TinyMoE", "free_port", "launch"]
+
+
+class TinyMoE:
+    """The test model on one rank (see the module docstring). Implements ExpertHost."""
+
+    def __init__(
+        self,
+        g: Geometry,
+        rank: int,
+        group: Any = None,
+        *,
+        hidden: int = 16,
+        ffn: int = 32,
+        top_k: int = 2,
+        tokens: int = 128,
+        seed: int = 0,
+        skew: float = 3.0,
+        drift_period: int = 64,
+        phy2log: np.ndarray | None = None,
+        distributed: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.g, self.rank, self.group = g, rank, group
+        self.d, self.h, self.top_k, self.tokens = hidden, ffn, top_k, tokens
+        self.seed, self.skew, self.drift_period = seed, skew, drift_period
+        self.distributed = distributed
+        self._device = torch.device(device)
+        L, E, S = g.num_layers, g.num_experts, g.slots_per_rank
+        gen = torch.Generator().manual_seed(seed)
+        # Logical weights: the ground truth every slot must match bitwise.
+        self.W1 = (torch.randn(L, E, hidden, ffn, generator=gen) * 0.2).to(self._device)
+        self.W2 = (torch.randn(L, E, ffn, hidden, generator=gen) * 0.2).to(self._device)
+        self.Wg = (torch.randn(L, hidden, E, generator=gen) * 0.5).to(self._device)
+        p2l = default_phy2log(g) if phy2log is None else np.array(phy2log, dtype=np.int32)
+        self.phy2log = p2l.copy()  # [L, P] host copy of the tables in force
+        lo = rank * S
+        idx = torch.as_tensor(p2l[:, lo : lo + S].astype(np.int64), device=self._device)
+        self.w1 = [self.W1[l, idx[l]].clone().contiguous() for l in range(L)]  # each [S, d, h]
+        self.w2 = [self.W2[l, idx[l]].clone().contiguous() for l in range(L)]  # each [S, h, d]
+        K = g.max_replicas
+        self.log2phy = torch.as_tensor(log2phy_padded(p2l, g, K).astype(np.int64), device=self._device)
+        self.rc = torch.as_tensor(replica_count(p2l, g).astype(np.int64), device=self._device)
+        # Measurements: tokens this rank's slots got per layer, and logical loads.
+        self.rank_tokens = np.zeros(L, dtype=np.int64)
+        self.logical_tokens = np.zeros((L, E), dtype=np.int64)
+        self.commits = 0
+
+    # -- ExpertHost -----------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return self.g.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def expert_weights(self, layer: int) -> Sequence[torch.Tensor]:
+        return (self.w1[layer], self.w2[layer])
+
+    def commit_layer(
+        self, layer: int, phy2log_row: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray
+    ) -> None:
+        self.phy2log[layer] = phy2log_row
+        self.log2phy[layer].copy_(torch.from_numpy(log2phy.astype(np.int64)))
+        self.rc[layer].copy_(torch.from_numpy(replica_count.astype(np.int64)))
+        self.commits += 1
+
+    # -- model ------------------------------------------------------------------
+    def inputs(self, step: int) -> torch.Tensor:
+        """Token batch x0 [T, d] of ``step`` (identical on every rank)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.randn(self.tokens, self.d, generator=gen).to(self._device)
+
+    def route(self, layer: int, step: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts [T, k] int64 and weights [T, k] for ``layer`` at ``step``.
+
+        The gate bias is a cosine bump of height ``skew`` centred on an expert
+        that moves by one every ``drift_period`` steps (layers offset), so a few
+        experts are hot and which ones changes slowly.
+        """
+        E = self.g.num_experts
+        centre = layer * E / self.g.num_layers + step / self.drift_period
+        e = torch.arange(E, dtype=torch.float32, device=self._device)
+        bias = self.skew * torch.cos(2 * math.pi * (e - centre) / E)
+        logits = x0 @ self.Wg[layer] + bias
+        val, idx = torch.topk(logits, self.top_k, dim=1)
+        return idx, torch.softmax(val, dim=1)
+
+    def forward(self, step: int, record: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """EP forward of ``step``; calls ``record(layer, counts [S])`` per layer. Returns [T, d].
+
+        The MoE layers act in parallel on x0 (output = x0 + sum of the layers'
+        outputs), so one all-reduce per step carries every layer's partial sums:
+        on a shared CPU machine a gloo collective costs milliseconds, and the
+        tests care about routing and weights, not depth.
+        """
+        S = self.g.slots_per_rank
+        x0 = self.inputs(step)
+        T = self.tokens
+        tok = torch.arange(T, device=self._device)[:, None].expand(T, self.top_k)
+        ys = torch.zeros(self.g.num_layers, T, self.d, device=self._device)
+        for l in range(self.g.num_layers):
+            ex, wt = self.route(l, step, x0)
+            rep = tok % self.rc[l][ex]
+            p = self.log2phy[l][ex, rep]  # [T, k] physical slots
+            mine = (p // S) == self.rank
+            s = p[mine] - self.rank * S
+            t = tok[mine]
+            counts = torch.bincount(s, minlength=S)
+            if record is not None:
+                record(l, counts)
+            self.rank_tokens[l] += int(s.numel())
+            self.logical_tokens[l] += np.bincount(ex.reshape(-1).cpu().numpy(), minlength=self.g.num_experts)
+            hid = torch.relu(torch.bmm(x0[t].unsqueeze(1), self.w1[l][s]))
+            out = torch.bmm(hid, self.w2[l][s]).squeeze(1) * wt[mine][:, None]
+            ys[l].index_add_(0, t, out)
+        if self.distributed:
+            dist.all_reduce(ys, group=self.group)
+        return x0 + ys.sum(0)
+
+    def reference_forward(self, step: int) -> torch.Tensor:
+        """The same step with one copy of every expert and no parallelism: [T, d]."""
+        x0 = self.inputs(step)
+        T = self.tokens
+        tok = torch.arange(T, device=self._device)[:, None].expand(T, self.top_k).reshape(-1)
+        ys = torch.zeros(self.g.num_layers, T, self.d, device=self._device)
+        for l in range(self.g.num_layers):
+            ex, wt = self.route(l, step, x0)
+            e = ex.reshape(-1)
+            hid = torch.relu(torch.bmm(x0[tok].unsqueeze(1), self.W1[l, e]))
+            out = torch.bmm(hid, self.W2[l, e]).squeeze(1) * wt.reshape(-1)[:, None]
+            ys[l].index_add_(0, tok, out)
+        return x0 + ys.sum(0)
+
+    def weight_mismatches(self) -> list[tuple[int, int]]:
+        """(layer, local slot) whose weights are not bitwise those of the expert phy2log says."""
+        S = self.g.slots_per_rank
+        bad = []
+        for l in range(self.g.num_layers):
+            for s in range(S):
+                e = int(self.phy2log[l, self.rank * S + s])
+                if not (
+                    torch.equal(self.w1[l][s], self.W1[l, e]) and torch.equal(self.w2[l][s], self.W2[l, e])
+                ):
+                    bad.append((l, s))
+        return bad
+
+    def tables_consistent(self) -> bool:
+        """log2phy / replica_count equal those derived from phy2log."""
+        want_l2p = log2phy_padded(self.phy2log, self.g, self.g.max_replicas)
+        want_rc = replica_count(self.phy2log, self.g)
+        return bool(
+            np.array_equal(self.log2phy.cpu().numpy(), want_l2p)
+            and np.array_equal(self.rc.cpu().numpy(), want_rc)
+        )
+
+
+# -- multi-process launcher ---------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], q: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        out = fn(rank, world, *args)
+        q.put((rank, True, out))
+    except BaseException:
+        q.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            os._exit(0)  # skip atexit/finalizers of a forked child
+
+
+def launch(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout: float = 120.0,
+    on_started: Callable[[], None] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked processes with a gloo group.
+
+    ``on_started`` runs in a parent thread once every child is forked (start
+    parent-side threads there, not before: fork copies locks held by threads).
+
+    Returns the results ordered by rank; raises RuntimeError with the child's
+    traceback if any rank failed, and kills every child still running after
+    ``timeout`` seconds. Fork (not spawn) keeps start-up to a fraction of a
+    second since torch is already imported.
+    """
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world, port, args, q), daemon=True) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    side = threading.Thread(target=on_started, daemon=True) if on_started is not None else None
+    if side is not None:
+        side.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    import queue as _queue
+    import time as _time
+
+    deadline = _time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            left = deadline - _time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"launch: only {len(results)} of {world} ranks finished in {timeout} s")
+            try:
+                rank, ok, out = q.get(timeout=min(left, 1.0))
+            except _queue.Empty:
+                if errors or any(p.exitcode not in (None, 0) for p in procs):
+                    # A rank died without reporting (or another failed): give the rest a moment.
+                    deadline = min(deadline, _time.monotonic() + 5)
+                continue
+            if ok:
+                results[rank] = out
+            else:
+                errors.append(f"rank {rank}:\n{out}")
+                deadline = min(deadline, _time.monotonic() + 10)
+    finally:
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+    if side is not None:
+        side.join(timeout=10)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]
+
+
+# -- a stand-in for the daemon ------------------------------------------------------
+
+
+class PlanDriver:
+    """Publishes plans into a domain from a parent-process thread (tests and benchmarks).
+
+    Waits for the domain to appear, then repeatedly: waits until the previous
+    plan's status is final and ``gap_windows`` more windows arrived, reads the
+    placement in force, computes a new placement (``source="random"``: greedy
+    on random loads, i.e. many moves; ``"windows"``: greedy on the sum of the
+    last windows) and publishes the plan with id = newest window id. ``mutate``
+    may replace a plan before it is published (fault injection). Stops after
+    ``plans`` plans or when :meth:`stop` is called. ``published`` lists the ids.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        g: Geometry,
+        *,
+        plans: int = 3,
+        source: str = "random",
+        gap_windows: int = 2,
+        seed: int = 0,
+        mutate: Callable[[int, Any], Any] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.name, self.g, self.plans, self.source = name, g, plans, source
+        self.gap, self.mutate, self.timeout = gap_windows, mutate, timeout
+        self.rng = np.random.default_rng(seed)
+        self.published: list[int] = []
+        self.statuses: list[Any] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def _run(self) -> None:
+        import time as _time
+
+        from eplbd.planner import build_plan
+        from eplbd.policy import rebalance
+        from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED, Domain
+
+        final = (PLAN_COMMITTED, PLAN_ABORTED, PLAN_REJECTED)
+        deadline = _time.monotonic() + self.timeout
+        dom = None
+        while dom is None:
+            if self._stop.is_set() or _time.monotonic() > deadline:
+                return
+            try:
+                dom = Domain.attach(self.name, writable=True)
+            except Exception:
+                _time.sleep(0.01)
+        try:
+            next_wid = self.gap
+            while len(self.published) < self.plans and not self._stop.is_set():
+                if _time.monotonic() > deadline:
+                    raise TimeoutError(f"PlanDriver: {len(self.published)} plans in {self.timeout} s")
+                if self.published:
+                    st = dom.read_plan_status()
+                    if st.plan_id != self.published[-1] or st.state not in final:
+                        _time.sleep(0.002)
+                        continue
+                    if len(self.statuses) < len(self.published):
+                        self.statuses.append(st)
+                wid = dom.latest_window_id()
+                if wid < next_wid:
+                    _time.sleep(0.002)
+                    continue
+                epoch, p2l = dom.read_placement()
+                if self.source == "random":
+                    loads = self.rng.gamma(0.5, 1.0, size=(self.g.num_layers, self.g.num_experts))
+                else:
+                    loads = np.sum([w.loads for w in dom.read_windows(4)], axis=0).astype(np.float64)
+                new = rebalance(loads, p2l, self.g, policy="greedy")
+                if np.array_equal(new, p2l):
+                    next_wid = wid + 1
+                    continue
+                plan = build_plan(wid, epoch, p2l, new, self.g)
+                if self.mutate is not None:
+                    plan = self.mutate(len(self.published), plan)
+                dom.publish_plan(plan)
+                self.published.append(wid)
+                next_wid = wid + self.gap
+            # Record the last status too.
+            while len(self.statuses) < len(self.published) and not self._stop.is_set():
+                st = dom.read_plan_status()
+                if st.plan_id == self.published[-1] and st.state in final:
+                    self.statuses.append(st)
+                    break
+                if _time.monotonic() > deadline:
+                    break
+                _time.sleep(0.002)
+        finally:
+            dom.close()

@@ -1,0 +1,319 @@
+"""Transfer executor: moves one plan's experts into a bounded staging pool (DESIGN.md steps 6, 7).
+
+One :class:`PlanTransfer` per started plan. Its :meth:`~PlanTransfer.run` goes
+layer by layer over the plan's changed layers (on the client's worker thread,
+and on a side stream where the device has streams). For each layer it:
+
+1. waits until enough earlier layers are committed for the layer's experts to
+   fit in ``max_staged_experts`` staging entries (the *gate*, computed from the
+   plan alone, hence identical on every rank: no rank starts a layer whose
+   peers are still gated, so no p2p wait depends on forward progress);
+2. copies COPY sources (live local slots) into staging entries;
+3. runs the layer's rounds: one ``dist.batch_isend_irecv`` per round, sending
+   live slots and receiving into staging entries, each wait bounded by
+   ``p2p_timeout_s``; tags identify (plan, destination slot, tensor) so late
+   messages of an aborted plan can never match a later one;
+4. publishes the layer as staged (with an event on stream devices).
+
+The forward thread, at a sync where the ranks agreed on it, calls
+:meth:`~PlanTransfer.commit` for layers staged everywhere: copies staging
+entries into the live slots of every weight tensor, switches the host's routing
+tables, and frees the entries (the gate may open for later layers).
+Stop-the-world mode uses the same layer routine synchronously
+(:meth:`~PlanTransfer.transfer_layer`).
+
+Live weights are only read here; they are written only by commit, and a layer
+commits only after every rank staged it, i.e. after every send of that layer
+completed, so reads never race with writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplbd.geometry import Geometry
+from eplbd.placement import log2phy_padded
+from eplbd.plan import COPY, RECV, SEND, Plan
+from eplbd.planner import changed_layers, staging_need
+
+from .control import ERR_INTERNAL, ERR_STAGING, ERR_TRANSFER
+from .device import DeviceOps
+from .host import ExpertHost
+
+__all__ = ["TransferError", "PlanTransfer", "staging_gates", "check_host_weights"]
+
+_TAG_SLOT_BITS = 20  # tag = (plan_id % 1024) << 20 | (dst_slot * T + t)
+
+
+class TransferError(RuntimeError):
+    """A layer could not be staged; ``code`` is the control-word error (control.ERR_*)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def staging_gates(need: np.ndarray, capacity: int) -> np.ndarray:
+    """First committed count at which each changed layer may start staging.
+
+    need: [n, R] experts each rank stages per changed layer. Returns gate [n]
+    int64: layer j may start once ``committed >= gate[j]``, the smallest c with
+    ``sum(need[c:j+1, r]) <= capacity`` for every rank r, so the layers in
+    flight on any rank never exceed ``capacity`` entries. Raises TransferError
+    (ERR_STAGING) if one layer alone needs more than ``capacity``.
+    """
+    n = need.shape[0]
+    if n and int(need.max()) > capacity:
+        j, r = np.unravel_index(int(np.argmax(need)), need.shape)
+        raise TransferError(
+            ERR_STAGING,
+            f"max_staged_experts={capacity} < {int(need.max())} experts rank {r} stages in one layer "
+            f"(changed layer #{j})",
+        )
+    csum = np.vstack([np.zeros((1, need.shape[1]), np.int64), np.cumsum(need, axis=0, dtype=np.int64)])
+    gate = np.zeros(n, dtype=np.int64)
+    c = 0
+    for j in range(n):  # two-pointer: the gate is non-decreasing in j
+        while (csum[j + 1] - csum[c] > capacity).any():
+            c += 1
+        gate[j] = c
+    return gate
+
+
+def check_host_weights(host: ExpertHost, slots_per_rank: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes/dtypes of the per-layer expert tensors; checks all layers agree. Returns [(shape, dtype)]."""
+    ref: list[tuple[tuple[int, ...], torch.dtype]] | None = None
+    for layer in range(host.num_moe_layers):
+        ts = host.expert_weights(layer)
+        sig = [(tuple(t.shape), t.dtype) for t in ts]
+        for i, t in enumerate(ts):
+            if t.shape[0] != slots_per_rank:
+                raise ValueError(
+                    f"expert_weights({layer})[{i}]: leading dim {t.shape[0]} != S={slots_per_rank}"
+                )
+            if not t[0].is_contiguous():
+                raise ValueError(f"expert_weights({layer})[{i}]: slot rows are not contiguous")
+        if ref is None:
+            ref = sig
+        elif sig != ref:
+            raise ValueError(f"expert_weights({layer}) shapes/dtypes {sig} differ from layer 0's {ref}")
+    if not ref:
+        raise ValueError("host has no expert weight tensors")
+    return ref
+
+
+@dataclasses.dataclass
+class _Staged:
+    layer: int
+    dst: torch.Tensor  # [m] int64 local destination slots
+    entries: torch.Tensor  # [m] int64 staging entries
+    event: Any  # device event after the layer's writes (None on CPU)
+
+
+class PlanTransfer:
+    """Execution state of one started plan on one rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        g: Geometry,
+        rank: int,
+        host: ExpertHost,
+        group: Any,
+        dev: DeviceOps,
+        capacity: int,
+        p2p_timeout_s: float,
+        stream: Any = None,
+    ) -> None:
+        self.plan = plan
+        self.g = g
+        self.rank = rank
+        self.host = host
+        self.group = group
+        self.dev = dev
+        self.stream = stream
+        self.p2p_timeout = datetime.timedelta(seconds=p2p_timeout_s)
+        self.layers = changed_layers(plan, g)  # [n] identical on every rank
+        self.num_layers = int(self.layers.shape[0])
+        need = staging_need(plan, g)[self.layers] if self.num_layers else np.zeros((0, g.num_ranks), np.int32)
+        self.my_need = need[:, rank].astype(np.int64) if self.num_layers else np.zeros(0, np.int64)
+        self.capacity = capacity
+        self.gate_error: TransferError | None = None
+        try:
+            self.gates = staging_gates(need, capacity)
+        except TransferError as e:  # every rank computes the same, so every rank flags it
+            self.gate_error = e
+            self.gates = np.zeros(self.num_layers, dtype=np.int64)
+        self.log2phy = log2phy_padded(plan.phy2log, g)  # [L, E, K]
+        self.replica_count = np.ascontiguousarray(plan.replica_count, dtype=np.int32)
+        self.sig = check_host_weights(host, g.slots_per_rank)
+        n_t = len(self.sig)
+        if g.slots_per_rank * n_t >= (1 << _TAG_SLOT_BITS):
+            raise ValueError("too many slots x tensors for p2p tags")
+        self._salt = (int(plan.plan_id) % 1024) << _TAG_SLOT_BITS
+        self._pool: list[torch.Tensor] | None = None
+        self._pool_size = 0
+        self._head = 0  # staging ring: next entry to hand out
+        self._release_events: list[Any] = []
+        self.staged: list[_Staged] = []  # appended by the staging thread, read by the forward thread
+        self._ready = 0  # staged layers seen complete by the forward thread
+        self.committed = 0
+        self.error = 0
+        self.error_message = ""
+        self.abort_event = threading.Event()
+        self._cond = threading.Condition()
+        self.done_event = threading.Event()
+        self.stage_seconds: list[float] = []  # wall time per staged layer (for stats)
+
+    # -- staging pool -------------------------------------------------------
+    def _ensure_pool(self) -> None:
+        if self._pool is not None:
+            return
+        size = int(min(self.capacity, max(int(self.my_need.sum()), 1)))
+        dev = self.dev.device
+        self._pool = [torch.empty((size, *shape[1:]), dtype=dt, device=dev) for shape, dt in self.sig]
+        self._pool_size = size
+
+    def _alloc(self, m: int) -> torch.Tensor:
+        idx = (self._head + torch.arange(m, dtype=torch.int64)) % self._pool_size
+        self._head += m
+        return idx
+
+    # -- one layer ----------------------------------------------------------
+    def transfer_layer(self, j: int) -> _Staged:
+        """Stage changed layer #j (its COPYs and p2p rounds). Raises TransferError."""
+        self._ensure_pool()
+        assert self._pool is not None
+        layer = int(self.layers[j])
+        R, T = self.g.num_ranks, len(self.sig)
+        ops = self.plan.ops_for(layer, self.rank, R)
+        w = list(self.host.expert_weights(layer))
+        writes = ops[ops["kind"] != SEND]
+        entries = self._alloc(int(writes.shape[0]))
+        entry_of = {int(d): int(e) for d, e in zip(writes["dst_slot"], entries.tolist(), strict=True)}
+        pool = self._pool
+        with self.dev.use_stream(self.stream):
+            with self._cond:
+                evs, self._release_events = self._release_events, []
+            for ev in evs:  # entries freed by commits on the forward stream
+                self.dev.wait_event(ev)
+            for op in ops[ops["kind"] == COPY]:
+                e, s = entry_of[int(op["dst_slot"])], int(op["src_slot"])
+                for t in range(T):
+                    pool[t][e].copy_(w[t][s])
+            remote = ops[ops["kind"] != COPY]
+            for rnd in np.unique(remote["round"]):
+                p2p: list[dist.P2POp] = []
+                for op in remote[remote["round"] == rnd]:
+                    peer, dst = int(op["peer"]), int(op["dst_slot"])
+                    for t in range(T):
+                        tag = self._salt | (dst * T + t)
+                        if int(op["kind"]) == SEND:
+                            p2p.append(
+                                dist.P2POp(dist.isend, w[t][int(op["src_slot"])], None, self.group, tag, peer)
+                            )
+                        else:
+                            assert int(op["kind"]) == RECV
+                            p2p.append(
+                                dist.P2POp(dist.irecv, pool[t][entry_of[dst]], None, self.group, tag, peer)
+                            )
+                self._run_round(p2p, layer, int(rnd))
+                if self.abort_event.is_set():
+                    raise TransferError(
+                        ERR_TRANSFER, f"plan {self.plan.plan_id}: aborted during layer {layer}"
+                    )
+            ev = self.dev.record_event(self.stream)
+        dst = torch.as_tensor(writes["dst_slot"].astype(np.int64))
+        return _Staged(layer, dst, entries, ev)
+
+    def _run_round(self, p2p: list[dist.P2POp], layer: int, rnd: int) -> None:
+        if not p2p:
+            return
+        try:
+            reqs = dist.batch_isend_irecv(p2p)
+            for r in reqs:
+                if self.dev.has_streams:
+                    r.wait()  # stream-ordered; the backend's own timeout bounds it
+                else:
+                    r.wait(timeout=self.p2p_timeout)
+        except Exception as e:  # gloo raises RuntimeError on timeout or a closed peer
+            raise TransferError(
+                ERR_TRANSFER, f"plan {self.plan.plan_id}: layer {layer} round {rnd}: {type(e).__name__}: {e}"
+            ) from e
+
+    # -- staging thread -------------------------------------------------------
+    def run(self) -> None:
+        """Stage every changed layer in order (worker thread). Errors go to ``self.error``."""
+        try:
+            if self.gate_error is not None:
+                raise self.gate_error
+            for j in range(self.num_layers):
+                with self._cond:
+                    while self.committed < self.gates[j] and not self.abort_event.is_set():
+                        self._cond.wait(0.1)
+                if self.abort_event.is_set():
+                    return
+                t0 = time.perf_counter()
+                st = self.transfer_layer(j)
+                self.stage_seconds.append(time.perf_counter() - t0)
+                self.staged.append(st)
+        except TransferError as e:
+            self.error_message = str(e)
+            self.error = e.code
+        except Exception as e:  # never let the worker die silently: flag, everyone aborts
+            self.error_message = f"{type(e).__name__}: {e}"
+            self.error = ERR_INTERNAL
+        finally:
+            self.done_event.set()
+
+    def abort(self) -> None:
+        self.abort_event.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- forward thread ---------------------------------------------------------
+    def staged_count(self) -> int:
+        """Changed layers staged (complete) on this rank, prefix count; non-blocking."""
+        staged = self.staged
+        while self._ready < len(staged) and self.dev.event_done(staged[self._ready].event):
+            self._ready += 1
+        return self._ready
+
+    def commit(self, upto: int, staged: Sequence[_Staged] | None = None) -> list[int]:
+        """Commit changed layers [committed, upto) (forward thread). Returns the layer ids."""
+        src = self.staged if staged is None else staged
+        done: list[int] = []
+        assert self._pool is not None or upto == self.committed
+        for j in range(self.committed, upto):
+            st = src[j]
+            self.dev.wait_event(st.event)  # forward stream waits for the staging stream
+            w = self.host.expert_weights(st.layer)
+            if st.dst.numel():
+                dst = st.dst.to(self.dev.device, non_blocking=True)
+                ent = st.entries.to(self.dev.device, non_blocking=True)
+                for t, wt in enumerate(w):
+                    wt.index_copy_(0, dst, self._pool[t].index_select(0, ent))  # type: ignore[index]
+            layer = st.layer
+            self.host.commit_layer(
+                layer,
+                np.ascontiguousarray(self.plan.phy2log[layer], dtype=np.int32),
+                self.log2phy[layer],
+                self.replica_count[layer],
+            )
+            done.append(layer)
+        ev = self.dev.record_event() if done else None
+        with self._cond:
+            if done and ev is not None:
+                self._release_events.append(ev)
+            self.committed = upto
+            self._cond.notify_all()
+        return done

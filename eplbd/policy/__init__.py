@@ -1,0 +1,76 @@
+"""Placement policies: (loads, placement in force, geometry) -> new placement. Pure numpy.
+
+The stable entry point is :func:`rebalance`::
+
+    phy2log = rebalance(loads, current, geometry, policy="moveaware", **options)
+
+- ``loads`` [L, E]: predicted load of each logical expert (finite, >= 0).
+- ``current`` [L, P] int or None: the placement in force (None: first plan).
+- returns [L, P] int32 ``phy2log`` satisfying every invariant of
+  :func:`eplbd.placement.validate_phy2log`.
+
+Policies:
+
+- ``"moveaware"`` (default, :mod:`eplbd.policy.moveaware`): keeps what is still
+  wanted, fixes replica deficits, local search, per-layer gain gate.
+  Options: see :data:`eplbd.policy.moveaware.DEFAULTS`.
+- ``"greedy"`` (:mod:`eplbd.policy.greedy`): DeepSeek-EPLB-style from-scratch
+  baseline; ignores ``current``. No options.
+
+Identical inputs give bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from eplbd.geometry import Geometry
+from eplbd.placement import validate_loads, validate_phy2log
+from eplbd.policy.greedy import greedy
+from eplbd.policy.moveaware import DEFAULTS as MOVEAWARE_DEFAULTS
+from eplbd.policy.moveaware import moveaware
+
+__all__ = ["POLICIES", "DEFAULT_POLICY", "rebalance", "MOVEAWARE_DEFAULTS"]
+
+DEFAULT_POLICY = "moveaware"
+
+
+def _greedy(loads: np.ndarray, current: np.ndarray | None, g: Geometry, **options: Any) -> np.ndarray:
+    if options:
+        raise TypeError(f"policy 'greedy' takes no options, got {sorted(options)}")
+    return greedy(loads, g)
+
+
+def _moveaware(loads: np.ndarray, current: np.ndarray | None, g: Geometry, **options: Any) -> np.ndarray:
+    unknown = sorted(set(options) - set(MOVEAWARE_DEFAULTS))
+    if unknown:
+        known = sorted(MOVEAWARE_DEFAULTS)
+        raise TypeError(f"policy 'moveaware': unknown option(s) {unknown}; known: {known}")
+    return moveaware(loads, current, g, **options)
+
+
+#: name -> implementation ``(loads, current, g, **options) -> phy2log``; names in a fixed order.
+POLICIES: dict[str, Callable[..., np.ndarray]] = {"moveaware": _moveaware, "greedy": _greedy}
+
+
+def rebalance(
+    loads: np.ndarray,
+    current: np.ndarray | None,
+    geometry: Geometry,
+    policy: str = DEFAULT_POLICY,
+    **options: Any,
+) -> np.ndarray:
+    """Compute a new placement [L, P] int32 for predicted ``loads`` [L, E].
+
+    Raises ValueError naming the problem for NaN/negative/wrongly shaped loads,
+    an invalid ``current`` placement (:class:`eplbd.placement.PlacementError`)
+    or an unknown policy; TypeError for unknown options.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    w = validate_loads(loads, geometry)
+    cur = None if current is None else validate_phy2log(current, geometry, name="current")
+    return POLICIES[policy](w, cur, geometry, **options)

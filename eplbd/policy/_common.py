@@ -1,0 +1,455 @@
+"""Building blocks shared by the placement policies, vectorised over a leading batch axis.
+
+Every function here works on a batch of B independent rows (B = layers, or
+layers x nodes) at once: the Python loops run over items or rounds, never over
+layers, so the cost of a plan barely grows with the number of layers.
+
+Determinism: only stable sorts and first-index argmin/argmax are used, there is
+no randomness and no dict/set iteration, so identical inputs give bit-identical
+outputs (daemons on different nodes must compute the same plan).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "replicate",
+    "lpt_pack",
+    "slot_shares",
+    "rank_loads_of",
+    "holds_table",
+    "node_holds",
+    "repair_duplicates",
+    "local_search",
+    "replica_search",
+    "bfd_place",
+]
+
+
+def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
+    """Replica counts [B, m] int64 that minimise the largest per-replica load.
+
+    w: [B, m] loads; every expert gets one replica, then each of the
+    ``num_slots - m`` extra slots goes to the expert with the largest
+    per-replica load ``w / count`` (ties: lowest index), never above ``cap``
+    replicas. This greedy is optimal for min max_e w_e / c_e.
+    """
+    B, m = w.shape
+    extra = num_slots - m
+    if extra < 0 or extra > m * (cap - 1):
+        raise ValueError(f"cannot fit {m} experts into {num_slots} slots with at most {cap} replicas each")
+    counts = np.ones((B, m), dtype=np.int64)
+    if extra == 0:
+        return counts
+    ar = np.arange(B)
+    # Zero-load experts still compete (score 0) so the loop always finds a slot
+    # owner; -1 marks experts that hit the cap.
+    for _ in range(extra):
+        score = np.where(counts < cap, w / counts, -1.0)
+        idx = np.argmax(score, axis=1)
+        counts[ar, idx] += 1
+    return counts
+
+
+def lpt_pack(
+    item_w: np.ndarray, item_e: np.ndarray, num_bins: int, cap: int, num_experts: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Longest-processing-time packing with a per-bin item cap and no duplicate expert per bin.
+
+    item_w, item_e: [B, n] weights and expert ids (n = num_bins * cap).
+    Items are taken heaviest first (stable: ties keep input order); each goes to
+    the least loaded bin that still has room and does not hold that expert
+    (ties: lowest bin). Returns (bin [B, n], pos [B, n]): the bin of each item
+    and its position within the bin, both int64. If every open bin already holds
+    the expert the item goes to the least loaded open bin and the caller must
+    run :func:`repair_duplicates`.
+    """
+    B, n = item_w.shape
+    if n != num_bins * cap:
+        raise ValueError(f"lpt_pack: {n} items != {num_bins} bins x {cap}")
+    order = np.argsort(-item_w, axis=1, kind="stable")
+    ar = np.arange(B)
+    load = np.zeros((B, num_bins))
+    fill = np.zeros((B, num_bins), dtype=np.int64)
+    holds = np.zeros((B, num_bins, num_experts), dtype=bool)
+    bin_of = np.empty((B, n), dtype=np.int64)
+    pos_of = np.empty((B, n), dtype=np.int64)
+    w_sorted = np.take_along_axis(item_w, order, axis=1)
+    e_sorted = np.take_along_axis(item_e, order, axis=1)
+    for j in range(n):
+        e = e_sorted[:, j]
+        full = fill >= cap
+        score = np.where(full | holds[ar, :, e], np.inf, load)
+        b = np.argmin(score, axis=1)
+        # Fallback when all open bins hold e: least loaded open bin (repaired later).
+        stuck = np.isinf(score[ar, b])
+        if stuck.any():
+            b = np.where(stuck, np.argmin(np.where(full, np.inf, load), axis=1), b)
+        o = order[:, j]
+        bin_of[ar, o] = b
+        pos_of[ar, o] = fill[ar, b]
+        load[ar, b] += w_sorted[:, j]
+        fill[ar, b] += 1
+        holds[ar, b, e] = True
+    return bin_of, pos_of
+
+
+def slot_shares(w: np.ndarray, phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(share [B, P] float64, counts [B, E] int64): each slot's even share of its expert's load."""
+    B, P = phy2log.shape
+    flat = (phy2log.astype(np.int64) + (np.arange(B, dtype=np.int64) * num_experts)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=B * num_experts).reshape(B, num_experts)
+    per = w / np.maximum(counts, 1)
+    return np.take_along_axis(per, phy2log.astype(np.int64), axis=1), counts
+
+
+def rank_loads_of(w: np.ndarray, phy2log: np.ndarray, num_experts: int, slots_per_rank: int) -> np.ndarray:
+    """[B, R] load of each rank under an even split of each expert over its replicas."""
+    share, _ = slot_shares(w, phy2log, num_experts)
+    B, P = phy2log.shape
+    return share.reshape(B, P // slots_per_rank, slots_per_rank).sum(axis=2)
+
+
+def node_holds(phy2log: np.ndarray, num_experts: int, slots_per_rank: int, num_nodes: int) -> np.ndarray:
+    """[B, N, E] bool: whether node n holds a replica of expert e."""
+    B, P = phy2log.shape
+    per_node = P // num_nodes
+    key = (
+        np.arange(B, dtype=np.int64)[:, None] * (num_nodes * num_experts)
+        + (np.arange(P, dtype=np.int64) // per_node)[None, :] * num_experts
+        + phy2log.astype(np.int64)
+    )
+    counts = np.bincount(key.ravel(), minlength=B * num_nodes * num_experts)
+    return counts.reshape(B, num_nodes, num_experts) > 0
+
+
+def holds_table(phy2log: np.ndarray, num_experts: int, slots_per_rank: int) -> np.ndarray:
+    """[B, R, E] int32: how many replicas of expert e rank r holds (>1 is a duplicate)."""
+    B, P = phy2log.shape
+    R = P // slots_per_rank
+    key = (
+        np.arange(B, dtype=np.int64)[:, None] * (R * num_experts)
+        + (np.arange(P, dtype=np.int64) // slots_per_rank)[None, :] * num_experts
+        + phy2log.astype(np.int64)
+    )
+    return np.bincount(key.ravel(), minlength=B * R * num_experts).reshape(B, R, num_experts).astype(np.int32)
+
+
+def repair_duplicates(phy2log: np.ndarray, w: np.ndarray, num_experts: int, slots_per_rank: int) -> None:
+    """Fix, in place, every rank that holds two replicas of one expert.
+
+    A duplicate of e on rank r is swapped with a slot of another rank r' that
+    lacks e, holding an expert f that r lacks; such a pair always exists (e has
+    fewer distinct holders than replicas <= R, and r holds < S distinct
+    experts). Among candidates the swap that keeps max(load r, load r') lowest
+    wins (ties: lowest slot), so the fix costs as little balance as possible.
+    Duplicates are rare (only from packing dead-ends), hence the Python loop.
+    """
+    S = slots_per_rank
+    B, P = phy2log.shape
+    R = P // S
+    while True:
+        srt = np.sort(phy2log.reshape(B, R, S), axis=2)
+        dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+        if dup.size == 0:
+            return
+        dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
+        h = holds_table(phy2log[dup[0, 0] : dup[0, 0] + 1], num_experts, S)
+        dup[0, 0], b0 = 0, int(dup[0, 0])
+        _, r, e = (int(x) for x in dup[0])
+        b = b0
+        row = phy2log[b]
+        share, _ = slot_shares(w[b : b + 1], row[None, :], num_experts)
+        share = share[0]
+        rl = share.reshape(R, S).sum(axis=1)
+        slots_r = np.arange(r * S, (r + 1) * S)
+        p = int(slots_r[row[slots_r] == e][-1])
+        hb = h[0] > 0
+        # Candidate slots q on other ranks: their rank lacks e, and r lacks their expert.
+        q = np.arange(P)
+        rq = q // S
+        ok = (rq != r) & ~hb[rq, e] & ~hb[r, row]
+        dq = share[p] - share  # load moved from r to rank(q) when swapping p <-> q
+        cost = np.maximum(rl[r] - dq, rl[rq] + dq)
+        cost = np.where(ok, cost, np.inf)
+        qbest = int(np.argmin(cost))
+        if not np.isfinite(cost[qbest]):  # pragma: no cover - impossible by the argument above
+            raise RuntimeError(f"repair_duplicates: no swap for expert {e} on rank {r} (row {b})")
+        row[p], row[qbest] = row[qbest], row[p]
+
+
+def local_search(
+    phy2log: np.ndarray,
+    w: np.ndarray,
+    num_experts: int,
+    slots_per_rank: int,
+    rounds: int,
+    pairs: int = 4,
+    min_step: float | np.ndarray = 0.0,
+    active: np.ndarray | None = None,
+    above: float | np.ndarray = -np.inf,
+) -> int:
+    """Balance ranks pairwise by swapping slot contents, in place; returns swaps made.
+
+    Each round, in every row at once: rank the ranks by load and pair the k-th
+    most loaded with the k-th least loaded (k < ``pairs``, pairs disjoint, so
+    up to ``pairs`` swaps per row and round). For each pair every swap of one
+    slot of the heavy rank with one slot of the light one is evaluated
+    ([B, pairs, S, S] candidates) and the one minimising the larger of the two
+    new loads is applied if it lowers the heavy rank by more than ``min_step``
+    (absolute, scalar or [B]). Only heavy ranks above ``above`` (scalar or [B],
+    e.g. the peak allowed) are treated, so balanced ranks are not churned.
+    Replica counts never change, so shares stay fixed; swaps that would put two
+    replicas of an expert on one rank are excluded. ``active`` [B] bool limits
+    the search to some rows. Stops early when no row improves.
+    """
+    S = slots_per_rank
+    B, P = phy2log.shape
+    R = P // S
+    if R < 2 or rounds <= 0:
+        return 0
+    k = max(1, min(pairs, R // 2))
+    share, _ = slot_shares(w, phy2log, num_experts)
+    pl = phy2log.reshape(B, R, S)  # view: writes go to phy2log
+    sh = share.reshape(B, R, S)
+    rl = sh.sum(axis=2)
+    live = np.ones(B, dtype=bool) if active is None else active.astype(bool).copy()
+    step = np.broadcast_to(np.asarray(min_step, dtype=np.float64), (B,))
+    floor = np.broadcast_to(np.asarray(above, dtype=np.float64), (B,))
+    swaps = 0
+    for _ in range(rounds):
+        if not live.any():
+            break
+        rows = np.nonzero(live)[0]
+        rlr = rl[rows]
+        order = np.argsort(rlr, axis=1, kind="stable")
+        heavy = order[:, ::-1][:, :k]  # [b, k] most loaded first
+        light = order[:, :k]  # [b, k] least loaded first
+        lh = np.take_along_axis(rlr, heavy, axis=1)
+        # Only pairs whose heavy rank is above the floor are worth evaluating:
+        # work follows the imbalance, not the model size.
+        pb, pk = np.nonzero(lh > floor[rows, None])
+        if pb.size == 0:
+            break
+        pr = rows[pb]
+        r1, r2 = heavy[pb, pk], light[pb, pk]
+        lhp, llp = lh[pb, pk], rlr[pb, r2]
+        eh, xh = pl[pr, r1], sh[pr, r1]  # [n, S_i]
+        el, yl = pl[pr, r2], sh[pr, r2]  # [n, S_j]
+        same = el[:, :, None] == eh[:, None, :]  # [n, S_j, S_i]
+        c1 = same.any(axis=1)  # light rank already holds e_i
+        c2 = same.any(axis=2)  # heavy rank already holds e_j
+        d = xh[:, :, None] - yl[:, None, :]  # [n, S_i, S_j] load leaving the heavy rank
+        val = np.maximum(lhp[:, None, None] - d, llp[:, None, None] + d)
+        bad = c1[:, :, None] | c2[:, None, :] | (d <= 0)
+        flat = np.where(bad, np.inf, val).reshape(pb.size, S * S)
+        best = np.argmin(flat, axis=1)
+        bval = flat[np.arange(pb.size), best]
+        good = (bval < lhp - step[pr]) & (r1 != r2)
+        if not good.any():
+            break
+        gr, r1, r2 = pr[good], r1[good], r2[good]
+        i, j = np.divmod(best[good], S)
+        e1, e2 = pl[gr, r1, i].copy(), pl[gr, r2, j].copy()
+        s1, s2 = sh[gr, r1, i].copy(), sh[gr, r2, j].copy()
+        pl[gr, r1, i], pl[gr, r2, j] = e2, e1
+        sh[gr, r1, i], sh[gr, r2, j] = s2, s1
+        rl[gr, r1] += s2 - s1
+        rl[gr, r2] += s1 - s2
+        swaps += int(good.sum())
+        improved = np.zeros(B, dtype=bool)
+        improved[gr] = True
+        live &= improved
+    return swaps
+
+
+def replica_search(
+    phy2log: np.ndarray,
+    w: np.ndarray,
+    num_experts: int,
+    slots_per_rank: int,
+    rounds: int,
+    partners: int = 4,
+    min_step: float | np.ndarray = 0.0,
+    active: np.ndarray | None = None,
+) -> int:
+    """Lower each row's peak by re-assigning one replica, changing replica counts; in place.
+
+    A candidate turns a slot q on one of the ``partners`` least loaded ranks,
+    holding expert f with >= 2 replicas, into one more replica of an expert e of
+    the most loaded rank (q's rank must lack e). Every rank holding e gets
+    lighter (e's load is split once more), q's rank trades f's share for e's,
+    and the ranks keeping f get heavier. All [B, S, partners, S] candidates are
+    evaluated exactly over all R ranks; the one with the lowest maximum over the
+    ranks it changes is applied if that is below the old peak by more than
+    ``min_step``. This fixes what count-by-count greedy replication cannot see
+    (packing granularity). Returns the number of re-assignments.
+    """
+    S = slots_per_rank
+    E = num_experts
+    B, P = phy2log.shape
+    R = P // S
+    if R < 2 or rounds <= 0:
+        return 0
+    k = min(partners, R - 1)
+    pl = phy2log.reshape(B, R, S)
+    step = np.broadcast_to(np.asarray(min_step, dtype=np.float64), (B,))
+    live = np.ones(B, dtype=bool) if active is None else active.astype(bool).copy()
+    ar = np.arange(B)
+    moved = 0
+    rr = np.arange(R)
+    for _ in range(rounds):
+        if not live.any():
+            break
+        rows = np.nonzero(live)[0]
+        b = rows.size
+        a = ar[:b]
+        sub = phy2log[rows]
+        share, cnt = slot_shares(w[rows], sub, E)
+        rl = share.reshape(b, R, S).sum(axis=2)
+        holds = holds_table(sub, E, S) > 0  # [b, R, E]
+        order = np.argsort(rl, axis=1, kind="stable")
+        rmax = order[:, -1]
+        cand = order[:, :k]
+        lmax = rl[a, rmax]
+        wr = w[rows]
+        ex = pl[rows, rmax]  # [b, S] experts e of the peak rank
+        we = np.take_along_axis(wr, ex.astype(np.int64), axis=1)
+        ce = np.take_along_axis(cnt, ex.astype(np.int64), axis=1)
+        de = we / (ce + 1) - we / ce  # [b, S] change on each holder of e (<= 0)
+        ef = pl[rows[:, None], cand]  # [b, k, S] experts f on partner slots
+        ef64 = ef.astype(np.int64)
+        wf = wr[a[:, None, None], ef64]
+        cf = cnt[a[:, None, None], ef64]
+        df = np.where(cf > 1, wf / np.maximum(cf - 1, 1) - wf / cf, 0.0)  # [b, k, S] on holders of f
+        hE = holds[a[:, None], :, ex.astype(np.int64)]  # [b, S, R]
+        hF = holds[a[:, None, None], :, ef64]  # [b, k, S, R]
+        onq = rr[None, None, :] == cand[:, :, None]  # [b, k, R]
+        hF = hF & ~onq[:, :, None, :]
+        # new[b, i, kk, j, r]
+        new = (
+            rl[:, None, None, None, :]
+            + hE[:, :, None, None, :] * de[:, :, None, None, None]
+            + hF[:, None, :, :, :] * df[:, None, :, :, None]
+            + onq[:, None, :, None, :]
+            * (we[:, :, None, None, None] / (ce[:, :, None, None, None] + 1) - (wf / cf)[:, None, :, :, None])
+        )
+        changed = hE[:, :, None, None, :] | hF[:, None, :, :, :] | onq[:, None, :, None, :]
+        val = np.where(changed, new, -np.inf).max(axis=4)  # [b, S, k, S]
+        lacks = ~holds[a[:, None, None], cand[:, :, None], ex[:, None, :].astype(np.int64)]  # [b, k, S_i]
+        ok = lacks.transpose(0, 2, 1)[:, :, :, None] & (cf > 1)[:, None, :, :]
+        ok &= ce[:, :, None, None] < R
+        val = np.where(ok, val, np.inf)
+        flat = val.reshape(b, -1)
+        best = np.argmin(flat, axis=1)
+        good = flat[a, best] < lmax - step[rows]
+        if not good.any():
+            break
+        i, rem = np.divmod(best[good], k * S)
+        kk, j = np.divmod(rem, S)
+        ga = a[good]
+        pl[rows[good], cand[ga, kk], j] = ex[ga, i]
+        moved += int(good.sum())
+        live[rows[~good]] = False
+    return moved
+
+
+def bfd_place(
+    w: np.ndarray, target: np.ndarray, slots_per_rank: int, num_ranks: int, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Try to place every row under a peak of ``target`` [B] by best-fit decreasing with splitting.
+
+    Experts go heaviest first; expert e takes the fewest replicas c (at least
+    ceil(w_e / target)) such that c ranks with a free slot can take a share
+    w_e / c without exceeding the target, and enough slots remain for the
+    experts still to come; its replicas go on the fullest such ranks (best fit).
+    Placing all replicas of an expert at once means no rank gets two. Slots left
+    at the end get extra replicas of the lightest expert the rank lacks.
+    Returns (ok [B] bool, phy2log [B, P] int32); rows that failed hold a
+    complete but unchecked placement. Packing granularity (few slots per rank,
+    a few heavy experts) is what this handles better than LPT.
+    """
+    B, E = w.shape
+    S, R = slots_per_rank, num_ranks
+    P = R * S
+    win = 4  # replica counts tried per expert: ceil(w/T) .. +3
+    order = np.argsort(-w, axis=1, kind="stable")
+    ar = np.arange(B)
+    load = np.zeros((B, R))
+    fill = np.zeros((B, R), dtype=np.int64)
+    out = np.full((B, R, S), -1, dtype=np.int64)
+    ok = np.ones(B, dtype=bool)
+    slots_left = np.full(B, P, dtype=np.int64)
+    tgt = target * (1 + 1e-12) + 1e-300
+    offs = np.arange(win)
+    for j in range(E):
+        e = order[:, j]
+        we = w[ar, e]
+        remaining = E - j - 1
+        c_lo = np.clip(np.ceil(we / tgt).astype(np.int64), 1, cap)
+        cs = np.minimum(c_lo[:, None] + offs[None, :], cap)  # [B, win]
+        share = we[:, None] / cs
+        open_ = fill < S
+        elig = open_[:, None, :] & (load[:, None, :] + share[:, :, None] <= tgt[:, None, None])
+        feas = (elig.sum(axis=2) >= cs) & (slots_left[:, None] - cs >= remaining)
+        has = feas.any(axis=1)
+        pick = np.argmax(feas, axis=1)
+        c = np.where(has, cs[ar, pick], 1)
+        sh = np.where(has, share[ar, pick], we)
+        el = np.where(has[:, None], elig[ar, pick], open_)
+        ok &= has
+        # fullest eligible ranks first (ties: lowest rank)
+        rank_order = np.argsort(np.where(el, -load, np.inf), axis=1, kind="stable")
+        sel = np.zeros((B, R), dtype=bool)
+        np.put_along_axis(sel, rank_order, np.arange(R)[None, :] < c[:, None], axis=1)
+        sel &= el
+        bi, ri = np.nonzero(sel)
+        out[bi, ri, fill[bi, ri]] = e[bi]
+        fill[bi, ri] += 1
+        load[bi, ri] += sh[bi]
+        slots_left -= sel.sum(axis=1)
+    # Leftover slots: one more replica of the lightest expert the rank lacks
+    # (one free slot per row per pass, so a row never picks twice for a rank at once).
+    flat = out.reshape(B, P)
+    while (out < 0).any():
+        bi, ri, si = np.nonzero(out < 0)
+        first = np.unique(bi, return_index=True)[1]
+        bi, ri, si = bi[first], ri[first], si[first]
+        present = (out[bi, ri, :, None] == np.arange(E)[None, None, :]).any(axis=1)
+        out[bi, ri, si] = np.argmin(np.where(present, np.inf, w[bi]), axis=1)
+    return ok, flat.astype(np.int32)
+
+
+def adjust_counts(
+    w: np.ndarray, c0: np.ndarray, cap: int, ratio: float, floor: np.ndarray, max_iter: int
+) -> np.ndarray:
+    """Replica counts [B, E] int64 reached from ``c0`` by worthwhile single-replica transfers.
+
+    Each step, in every row at once, moves one replica from the donor whose
+    per-replica load after losing it is smallest (``w/(c-1)``, c >= 2) to the
+    receiver with the largest per-replica load ``w/c`` (c < cap), but only if
+    the receiver's share exceeds both ``ratio`` x the donor's new share and
+    ``floor`` [B] (an absolute load). With ratio 1 and floor 0 this reaches
+    the min-max counts of :func:`replicate`; ratio > 1 adds hysteresis, so
+    counts of experts whose shares are close, or too small to matter for the
+    peak, do not flip with load noise (every flip is a weight transfer).
+    """
+    c = c0.astype(np.int64, copy=True)
+    B = c.shape[0]
+    ar = np.arange(B)
+    live = np.ones(B, dtype=bool)
+    for _ in range(max_iter):
+        recv = np.where(c < cap, w / c, -np.inf)
+        donor = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
+        e = np.argmax(recv, axis=1)
+        d = np.argmin(donor, axis=1)
+        rs, ds = recv[ar, e], donor[ar, d]
+        do = live & (rs > ratio * ds) & (rs > floor) & (e != d)
+        if not do.any():
+            break
+        rows = ar[do]
+        c[rows, e[do]] += 1
+        c[rows, d[do]] -= 1
+        live = do
+    return c

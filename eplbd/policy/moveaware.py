@@ -1,0 +1,265 @@
+"""``moveaware`` (the default policy): from-scratch balance at a small fraction of the moves.
+
+Starting from the placement in force, all layers at once:
+
+1. **Target replica counts** per expert: the counts that minimise the largest
+   per-replica load (one replica each, every spare slot to the expert with the
+   largest load per replica; at most R).
+2. **Keep** every existing replica that is still wanted, where it is. An
+   expert with more replicas than its target loses the ones on the most
+   loaded ranks; their slots become free.
+3. **Fill** the free slots with the missing replicas, heaviest first, each on
+   the least loaded rank that has a free slot and does not hold the expert yet.
+   A rank on a node that already holds the expert (so the copy stays inside the
+   node) wins unless it is more than ``node_penalty`` x mean rank load heavier.
+4. **Local search**: a few rounds of swapping one replica of the most loaded
+   rank with one of a lightly loaded rank, when it lowers the peak by more
+   than ``min_step`` x mean.
+5. **Gain gate**: a layer whose predicted balancedness (mean / max rank load
+   under the forecast loads) improves by less than ``min_gain`` keeps its
+   current placement, so load noise alone moves (almost) nothing.
+
+With ``current=None`` every slot is free: steps 3-4 are a from-scratch
+placement (LPT packing plus a longer local search), no gate.
+
+Each step is vectorised over layers; the Python loops run over items
+(step 3) or rounds (step 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplbd.geometry import Geometry
+from eplbd.placement import peak_lower_bound
+from eplbd.policy._common import (
+    adjust_counts,
+    bfd_place,
+    local_search,
+    node_holds,
+    rank_loads_of,
+    repair_duplicates,
+    replica_search,
+    replicate,
+    slot_shares,
+)
+
+__all__ = ["moveaware", "DEFAULTS"]
+
+#: Default options; ``rebalance(..., policy="moveaware", **options)`` overrides them.
+DEFAULTS: dict[str, float | int] = {
+    "min_gain": 0.03,  # per-layer β gain below which a layer keeps its placement
+    "rounds": 24,  # local-search rounds with a current placement
+    "scratch_rounds": 256,  # local-search rounds from scratch (moves are free then)
+    "partners": 16,  # rank pairs (heaviest with lightest) balanced per local-search round
+    "min_step": 0.002,  # a swap must lower the peak by this x mean rank load
+    "node_penalty": 0.02,  # x mean rank load: how much heavier a same-node target may be
+    "replica_rounds": 2,  # rounds of replica re-assignment per local-search pass (0: off)
+    "slack": 0.0,  # ranks within (1 + slack) x mean rank load are not touched by local search
+    "count_ratio": 1.25,  # a replica moves to a hotter expert only if its share beats the donor's by this
+    "count_floor": 0.1,  # ... and exceeds this x mean rank load
+}
+
+
+def _fill(
+    new: np.ndarray,
+    w: np.ndarray,
+    counts: np.ndarray,
+    deficit: np.ndarray,
+    g: Geometry,
+    src_on_node: np.ndarray | None,
+    node_penalty: float,
+) -> None:
+    """Place ``deficit`` [L, E] new replicas into the free (-1) slots of ``new`` [L, P], in place.
+
+    ``src_on_node`` [L, N, E] bool: which nodes hold a source copy of each expert
+    (None: no preference).
+    """
+    L, E = w.shape
+    R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
+    share = w / np.maximum(counts, 1)
+    nitems = deficit.sum(axis=1)
+    fmax = int(nitems.max(initial=0))
+    if fmax == 0:
+        return
+    # Items of every layer, heaviest share first (ties: lower expert id), padded with -1.
+    idx = np.repeat(np.arange(L * E), deficit.ravel())
+    lay, ex = np.divmod(idx, E)
+    order = np.lexsort((ex, -share.ravel()[idx], lay))
+    lay, ex = lay[order], ex[order]
+    start = np.cumsum(nitems) - nitems
+    col = np.arange(lay.size) - start[lay]
+    items = np.full((L, fmax), -1, dtype=np.int64)
+    items[lay, col] = ex
+
+    pl = new.reshape(L, R, S)
+    free = pl < 0  # [L, R, S]
+    nfree = free.sum(axis=2)
+    kept = np.where(new >= 0, new, 0)  # free slots read as expert 0 with zero share
+    slot_sh = np.where(new >= 0, np.take_along_axis(share, kept.astype(np.int64), axis=1), 0.0)
+    rl = slot_sh.reshape(L, R, S).sum(axis=2)
+    pen = node_penalty * w.sum(axis=1) / R  # [L]
+    node_of = np.arange(R) // (R // N)
+    for j in range(fmax):
+        rows = np.nonzero(items[:, j] >= 0)[0]
+        e = items[rows, j]
+        closed = nfree[rows] == 0
+        score = rl[rows].copy()
+        if src_on_node is not None:
+            far = ~src_on_node[rows[:, None], node_of[None, :], e[:, None]]  # [b, R]
+            score += far * pen[rows, None]
+        blocked = closed | (pl[rows] == e[:, None, None]).any(axis=2)
+        r = np.argmin(np.where(blocked, np.inf, score), axis=1)
+        stuck = blocked[np.arange(rows.size), r]
+        if stuck.any():  # every open rank holds e: take one, repair_duplicates fixes it
+            r = np.where(stuck, np.argmin(np.where(closed, np.inf, score), axis=1), r)
+        s = np.argmax(free[rows, r], axis=1)  # first free slot of that rank
+        pl[rows, r, s] = e
+        free[rows, r, s] = False
+        nfree[rows, r] -= 1
+        rl[rows, r] += share[rows, e]
+
+
+def _improve(
+    pl: np.ndarray,
+    w: np.ndarray,
+    E: int,
+    S: int,
+    rounds: int,
+    partners: int,
+    step: np.ndarray,
+    replica_rounds: int,
+    outer: int = 4,
+    above: float | np.ndarray = -np.inf,
+) -> None:
+    """Alternate swap search and replica re-assignment until neither helps (at most ``outer`` times)."""
+    for _ in range(outer):
+        local_search(pl, w, E, S, rounds, max(partners, 1), step, above=above)
+        if replica_rounds <= 0 or replica_search(pl, w, E, S, replica_rounds, min(partners, 4), step) == 0:
+            break
+
+
+def _granular(new: np.ndarray, w: np.ndarray, g: Geometry, rounds: int, bisect: int = 14) -> None:
+    """From scratch: where LPT + local search stays > 0.5% above the lower bound, try best-fit
+    decreasing with splitting (:func:`bfd_place`) under a bisected peak target; keep it if better.
+
+    Needed when few slots per rank make packing granularity dominate (the issue's
+    8 experts on 8 ranks x 2 slots: LPT 232, optimum 196.67).
+    """
+    E, S, R = g.num_experts, g.slots_per_rank, g.num_ranks
+    lb = peak_lower_bound(w, g)
+    pk = rank_loads_of(w, new, E, S).max(axis=1)
+    rows = np.nonzero(pk > lb * 1.005)[0]
+    if rows.size == 0:
+        return
+    lo, hi = lb[rows].copy(), pk[rows].copy()
+    best = new[rows].copy()
+    best_pk = pk[rows].copy()
+    wr = w[rows]
+    for _ in range(bisect):
+        mid = 0.5 * (lo + hi)
+        ok, cand = bfd_place(wr, mid, S, R, g.max_replicas)
+        cpk = rank_loads_of(wr, cand, E, S).max(axis=1)
+        better = ok & (cpk < best_pk)
+        best[better] = cand[better]
+        best_pk = np.where(better, cpk, best_pk)
+        hi = np.where(ok, np.minimum(mid, cpk), hi)
+        lo = np.where(ok, lo, mid)
+    _improve(best, wr, E, S, rounds, R, 1e-9 * wr.sum(axis=1) / R, max(rounds // 4, 1))
+    new[rows] = best
+
+
+def moveaware(
+    loads: np.ndarray,
+    current: np.ndarray | None,
+    g: Geometry,
+    *,
+    min_gain: float = float(DEFAULTS["min_gain"]),
+    rounds: int = int(DEFAULTS["rounds"]),
+    scratch_rounds: int = int(DEFAULTS["scratch_rounds"]),
+    partners: int = int(DEFAULTS["partners"]),
+    min_step: float = float(DEFAULTS["min_step"]),
+    node_penalty: float = float(DEFAULTS["node_penalty"]),
+    replica_rounds: int = int(DEFAULTS["replica_rounds"]),
+    slack: float = float(DEFAULTS["slack"]),
+    count_ratio: float = float(DEFAULTS["count_ratio"]),
+    count_floor: float = float(DEFAULTS["count_floor"]),
+) -> np.ndarray:
+    """New placement [L, P] int32 for forecast loads [L, E] (float64) given ``current`` [L, P] or None.
+
+    Inputs are validated by :func:`eplbd.policy.rebalance`; the number of layers
+    is taken from ``loads`` so a per-layer loop can call this one layer at a time.
+    """
+    w = np.asarray(loads, dtype=np.float64)
+    L, E = w.shape
+    R, S = g.num_ranks, g.slots_per_rank
+    P = R * S
+    mean = w.sum(axis=1) / R  # [L] mean rank load
+    counts = replicate(w, P, cap=min(R, P - E + 1))
+    if current is None:
+        new = np.full((L, P), -1, dtype=np.int64)
+        _fill(new, w, counts, counts, g, None, 0.0)
+        new = new.astype(np.int32)
+        repair_duplicates(new, w, E, S)
+        _improve(new, w, E, S, scratch_rounds, R, 1e-9 * mean, max(scratch_rounds // 4, 1))
+        _granular(new, w, g, scratch_rounds)
+        return new
+
+    cur = np.asarray(current, dtype=np.int32)
+    # Pre-gate: a layer whose predicted β cannot gain min_gain even at the lower
+    # bound of its peak is left alone without any work.
+    pk_cur = rank_loads_of(w, cur, E, S).max(axis=1)
+    lb = np.maximum(mean, (w / counts).max(axis=1))
+    rows = np.nonzero(mean / _safe(lb) - mean / _safe(pk_cur) >= max(min_gain, 1e-12))[0]
+    out = cur.copy()
+    if rows.size == 0:
+        return out
+    _, c0 = slot_shares(w[rows], cur[rows], E)
+    # Target counts: min-max counts, reached from the current ones only by
+    # transfers that clearly pay off (hysteresis against noise).
+    tgt = adjust_counts(w[rows], c0, g.max_replicas, count_ratio, count_floor * mean[rows], P)
+    new = _incremental(w[rows], cur[rows], tgt, g, partners, node_penalty)
+    wr, mr = w[rows], mean[rows]
+    _improve(new, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=(1 + slack) * mr)
+    # Gain gate against the placement in force.
+    pk_new = rank_loads_of(wr, new, E, S).max(axis=1)
+    gain = mr / _safe(pk_new) - mr / _safe(pk_cur[rows])
+    take = (gain >= min_gain) & (pk_new < pk_cur[rows])
+    out[rows[take]] = new[take]
+    return out
+
+
+def _safe(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x, 1.0)
+
+
+def _incremental(
+    w: np.ndarray, cur: np.ndarray, counts: np.ndarray, g: Geometry, partners: int, node_penalty: float
+) -> np.ndarray:
+    """Steps 2-3 on a batch of layers: keep wanted replicas, drop surplus, fill deficits."""
+    L, E = w.shape
+    R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
+    P = R * S
+    _, c0 = slot_shares(w, cur, E)
+    # Drop surplus replicas from the most loaded ranks (loads with the new shares).
+    share_new = w / counts
+    cur64 = cur.astype(np.int64)
+    rl = np.take_along_axis(share_new, cur64, axis=1).reshape(L, R, S).sum(axis=2)
+    rank_pos = np.empty((L, R), dtype=np.int64)  # 0 = most loaded rank
+    np.put_along_axis(rank_pos, np.argsort(-rl, axis=1, kind="stable"), np.arange(R)[None, :], axis=1)
+    slot_rank = np.arange(P) // S
+    key = cur64 * R + np.take_along_axis(rank_pos, np.broadcast_to(slot_rank, (L, P)), axis=1)
+    order = np.argsort(key, axis=1, kind="stable")
+    sorted_e = np.take_along_axis(cur64, order, axis=1)
+    off = np.cumsum(c0, axis=1) - c0
+    k = np.arange(P)[None, :] - np.take_along_axis(off, sorted_e, axis=1)
+    surplus = np.maximum(c0 - counts, 0)
+    drop = np.zeros((L, P), dtype=bool)
+    np.put_along_axis(drop, order, k < np.take_along_axis(surplus, sorted_e, axis=1), axis=1)
+    new = np.where(drop, -1, cur64)
+    # Fill the deficits, preferring nodes that hold a source copy.
+    src_on_node = node_holds(cur, E, S, N)
+    _fill(new, w, counts, np.maximum(counts - c0, 0), g, src_on_node, node_penalty)
+    new = new.astype(np.int32)
+    repair_duplicates(new, w, E, S)
+    return new

@@ -1,0 +1,111 @@
+"""Unit tests of the client's pure parts: agreement rule, staging gates, recorder, test model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eplbd.geometry import Geometry
+from eplbd.placement import default_phy2log
+from eplbd_client import control as C
+from eplbd_client.recorder import LoadRecorder
+from eplbd_client.testing import TinyMoE
+from eplbd_client.transfer import TransferError, staging_gates
+
+R = 4
+
+
+def words(**cols: object) -> np.ndarray:
+    """[R, NUM_WORDS] with defaults: no candidate, nothing active, epoch 0."""
+    w = np.zeros((R, C.NUM_WORDS), dtype=np.int64)
+    w[:, C.W_ACTIVE] = -1
+    w[:, C.W_CAND_ID] = -1
+    w[:, C.W_CAND_BASE] = -1
+    w[:, C.W_CAND_STATUS] = C.CAND_PENDING
+    for k, v in cols.items():
+        w[:, getattr(C, "W_" + k.upper())] = v
+    return w
+
+
+def test_start_needs_every_rank_ok_same_hash_and_base() -> None:
+    st = C.Agreed(epoch=0)
+    w = words(cand_id=5, cand_hash=77, cand_base=0, cand_status=C.CAND_OK)
+    assert C.decide(w, st, 10) == C.Decision(C.START, 5, plan_hash=77)
+    w2 = w.copy()
+    w2[2, C.W_CAND_ID] = 3  # rank 2 has not read plan 5 yet: wait
+    assert C.decide(w2, st, 10).kind == C.NONE
+    w3 = w.copy()
+    w3[1, C.W_CAND_STATUS] = C.CAND_PENDING  # still validating
+    assert C.decide(w3, st, 10).kind == C.NONE
+    w4 = w.copy()
+    w4[3, C.W_CAND_HASH] = 78
+    assert C.decide(w4, st, 10) == C.Decision(C.REJECT, 5, error=C.ERR_HASH_MISMATCH)
+    w5 = w.copy()
+    w5[0, C.W_CAND_STATUS] = C.ERR_INVALID
+    assert C.decide(w5, st, 10) == C.Decision(C.REJECT, 5, error=C.ERR_INVALID)
+    assert C.decide(w, C.Agreed(epoch=4), 10) == C.Decision(C.REJECT, 5, error=C.ERR_STALE_BASE)
+    assert C.decide(w, C.Agreed(epoch=0, last_decided_id=5), 10).kind == C.NONE
+
+
+def test_commit_progress_abort_and_timeout() -> None:
+    st = C.Agreed(epoch=0, sync=10, active_id=5, active_base=0, active_layers=3, committed=1,
+                  last_progress_sync=9)
+    w = words(active=5, committed=1, staged=2)
+    w[3, C.W_STAGED] = 3
+    assert C.decide(w, st, 4) == C.Decision(C.COMMIT, 5, commit_to=2)
+    w[2, C.W_STAGED] = 1  # one rank behind: no commit
+    assert C.decide(w, st, 4).kind == C.NONE
+    st.sync = 13
+    assert C.decide(w, st, 4) == C.Decision(C.ABORT, 5, error=C.ERR_TIMEOUT)
+    w[1, C.W_EXEC_ERR] = C.ERR_TRANSFER
+    st.sync = 10
+    assert C.decide(w, st, 4) == C.Decision(C.ABORT, 5, error=C.ERR_TRANSFER)
+    w[1, C.W_EXEC_ERR] = 0
+    w[0, C.W_ABORT_REQ] = 1
+    assert C.decide(w, st, 4) == C.Decision(C.ABORT, 5, error=C.ERR_ABORT_REQUESTED)
+
+
+def test_replicated_words_must_agree() -> None:
+    w = words(epoch=3)
+    w[2, C.W_EPOCH] = 4
+    with pytest.raises(C.AgreementError, match="epoch"):
+        C.decide(w, C.Agreed(epoch=3), 10)
+
+
+def test_partial_epoch_unique_and_distinct_from_plan_ids() -> None:
+    seen = {C.partial_epoch(p, c) for p in (0, 1, 7, 2**39) for c in (1, 2, 57)}
+    assert len(seen) == 12 and all(e >= 2**62 for e in seen)
+    with pytest.raises(ValueError):
+        C.partial_epoch(3, 0)
+
+
+def test_staging_gates() -> None:
+    need = np.array([[2, 1], [2, 2], [1, 0], [3, 3]])
+    assert staging_gates(need, 3).tolist() == [0, 1, 1, 3]
+    assert staging_gates(need, 100).tolist() == [0, 0, 0, 0]
+    with pytest.raises(TransferError, match="max_staged_experts=2"):
+        staging_gates(need, 2)
+
+
+def test_recorder_accumulates_without_reallocating() -> None:
+    rec = LoadRecorder(3, 4)
+    ptr = rec.acc.data_ptr()
+    rec.record(1, torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+    rec.record(1, torch.tensor([1, 0, 0, 0]))
+    rec.record(2, torch.tensor([0, 0, 0, 5]))
+    out = torch.empty(12, dtype=torch.int64)
+    rec.drain_into(out)
+    assert out.view(3, 4).tolist() == [[0, 0, 0, 0], [2, 2, 3, 4], [0, 0, 0, 5]]
+    assert rec.acc.sum().item() == 0 and rec.acc.data_ptr() == ptr
+
+
+def test_tiny_moe_single_rank_matches_reference() -> None:
+    g = Geometry(2, 8, 1, 8)
+    m = TinyMoE(g, 0, distributed=False, tokens=32)
+    rec = LoadRecorder(2, 8)
+    y = m.forward(3, rec.record)
+    torch.testing.assert_close(y, m.reference_forward(3), rtol=1e-5, atol=1e-6)
+    assert rec.acc.sum().item() == 2 * 32 * 2  # L * T * top_k
+    assert m.weight_mismatches() == [] and m.tables_consistent()
+    assert np.array_equal(m.phy2log, default_phy2log(g))

@@ -1,0 +1,289 @@
+"""Multi-process client tests (4 ranks, gloo) with plans published by the test itself.
+
+A thread of the test process stands in for the daemon (``PlanDriver``), which
+isolates the client from the daemon: these tests exercise record -> sync ->
+agree -> transfer -> commit, stop-the-world mode, rejection of corrupt and
+invalid plans and aborts, on the tiny EP MoE model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from eplbd.geometry import Geometry
+from eplbd.placement import default_phy2log, log2phy_compact
+from eplbd.plan import RECV, Plan
+from eplbd.shm import PLAN_COMMITTED, PLAN_REJECTED, Domain
+from eplbd_client import ClientConfig, EplbClient
+from eplbd_client import control as C
+from eplbd_client.testing import PlanDriver, TinyMoE, launch
+
+pytestmark = pytest.mark.timeout(120)
+
+G = Geometry(4, 16, 4, 6)
+WORLD = 4
+
+
+def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank: the tiny model + client; steps until the (replicated) stop condition."""
+    import torch
+
+    model = TinyMoE(G, rank, tokens=spec.get("tokens", 64), seed=1)
+    cfg = ClientConfig(**spec.get("config", {}))
+    if spec.get("break_rank") == rank:  # fault injection: this rank's transfers hang
+        import eplbd_client.transfer as T
+
+        def hang(self: Any) -> None:
+            self.abort_event.wait(30)
+            self.done_event.set()
+
+        T.PlanTransfer.run = hang  # type: ignore[method-assign]
+    client = EplbClient(model, G, spec["domain"], config=cfg)
+    go = spec.get("go")
+    if go is not None:
+        go.wait(30)
+    want_commits = spec.get("commits", 3)
+    want_rejects = spec.get("rejects", 0)
+    want_aborts = spec.get("aborts", 0)
+    maxdiff = 0.0
+    steps = 0
+    t0 = time.perf_counter()
+    for step in range(spec.get("max_steps", 2000)):
+        y = model.forward(step, client.record)
+        if step % 3 == 0:
+            maxdiff = max(maxdiff, float((y - model.reference_forward(step)).abs().max()))
+        client.step()
+        steps = step + 1
+        s = client.stats  # replicated counters: every rank stops at the same step
+        if (
+            s.plans_committed >= want_commits
+            and s.plans_rejected >= want_rejects
+            and s.plans_aborted >= want_aborts
+            and client.active_plan < 0
+        ):
+            break
+    elapsed = time.perf_counter() - t0
+    out = {
+        "steps": steps,
+        "elapsed": elapsed,
+        "maxdiff": maxdiff,
+        "stats": {k: v for k, v in vars(client.stats).items()},
+        "epoch": client.epoch,
+        "phy2log": client.phy2log.copy(),
+        "model_phy2log": model.phy2log.copy(),
+        "mismatches": model.weight_mismatches(),
+        "tables_ok": model.tables_consistent(),
+        "commits": model.commits,
+    }
+    if client.is_leader:
+        time.sleep(0.05)  # let the publisher thread finish its queue
+        ep, p2l = client._dom_poll.read_placement()
+        out["shm_placement"] = (ep, p2l.copy())
+    client.close()
+    del torch
+    return out
+
+
+def run(spec: dict[str, Any], driver: PlanDriver | None = None, timeout: float = 90.0) -> list[dict[str, Any]]:
+    th: list[threading.Thread] = []
+
+    def started() -> None:
+        if driver is not None:
+            t = threading.Thread(target=driver.run, daemon=True)
+            t.start()
+            th.append(t)
+
+    try:
+        res = launch(rank_main, WORLD, spec, timeout=timeout, on_started=started)
+    finally:
+        if driver is not None:
+            driver.stop()
+        for t in th:
+            t.join(5)
+    if driver is not None and driver.error is not None:
+        raise driver.error
+    return res
+
+
+def check_consistent(res: list[dict[str, Any]]) -> None:
+    """Every rank: bitwise weights, tables, same placement and epoch, outputs equal the reference."""
+    for r in res:
+        assert r["mismatches"] == [], r["mismatches"]
+        assert r["tables_ok"]
+        assert np.array_equal(r["phy2log"], r["model_phy2log"])
+        assert np.array_equal(r["phy2log"], res[0]["phy2log"])
+        assert r["epoch"] == res[0]["epoch"]
+        assert r["maxdiff"] < 1e-4, r["maxdiff"]
+        for k in ("plans_started", "plans_committed", "plans_aborted", "plans_rejected", "layers_committed"):
+            assert r["stats"][k] == res[0]["stats"][k], k
+    ep, p2l = res[0]["shm_placement"]
+    assert ep == res[0]["epoch"] and np.array_equal(p2l, res[0]["phy2log"])
+
+
+@pytest.mark.parametrize("mode", ["async", "stw"])
+def test_random_plans_applied_bitwise(shm_prefix: str, mode: str) -> None:
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=3, source="random", gap_windows=2, seed=5)
+    spec = {"domain": name, "config": {"sync_interval": 4, "mode": mode}, "commits": 3}
+    res = run(spec, driver)
+    check_consistent(res)
+    assert res[0]["stats"]["plans_committed"] == 3
+    assert res[0]["stats"]["plans_aborted"] == 0
+    assert res[0]["epoch"] == driver.published[-1]
+    assert not np.array_equal(res[0]["phy2log"], default_phy2log(G))
+    assert [s.state for s in driver.statuses] == [PLAN_COMMITTED] * 3
+    assert res[0]["commits"] > 0
+
+
+def test_small_staging_pool_pipelines_nothing_but_works(shm_prefix: str) -> None:
+    """max_staged_experts = S: one layer at a time; still exact."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=2, source="random", seed=9)
+    spec = {"domain": name, "config": {"sync_interval": 2, "max_staged_experts": 6}, "commits": 2}
+    check_consistent(run(spec, driver))
+
+
+def _flip_plan_bytes(name: str, before: bytes) -> None:
+    """Corrupt the plan just published: flip bytes in the middle of the largest changed block."""
+    path = Path("/dev/shm") / name
+    after = bytearray(path.read_bytes())
+    diff = np.flatnonzero(np.frombuffer(bytes(after), np.uint8) != np.frombuffer(before, np.uint8))
+    # Largest run of changed bytes = the plan payload (not the 8-byte current-plan word).
+    runs = np.split(diff, np.flatnonzero(np.diff(diff) > 64) + 1)
+    big = max(runs, key=lambda r: r[-1] - r[0])
+    mid = int(big[len(big) // 2])
+    with open(path, "r+b") as f:
+        f.seek(mid)
+        f.write(bytes(b ^ 0xFF for b in after[mid : mid + 4]))
+
+
+def test_corrupt_and_invalid_plans_rejected_everywhere(shm_prefix: str) -> None:
+    """A plan whose bytes were flipped in shm, then a well-formed plan whose ops do not
+    match its placements: both rejected on every rank, never applied; a valid plan after them is."""
+    import multiprocessing as mp
+
+    name = shm_prefix + "job.m0"
+    go = mp.get_context("fork").Event()
+    new = default_phy2log(G)
+    new[1] = np.roll(new[1], 6)  # layer 1: every rank's slots move to the next rank
+    from eplbd.planner import build_plan
+
+    seen: dict[str, Any] = {}
+
+    def feeder() -> None:
+        try:
+            dom = None
+            t_end = time.monotonic() + 30
+            while dom is None and time.monotonic() < t_end:
+                try:
+                    dom = Domain.attach(name, writable=True)
+                except Exception:
+                    time.sleep(0.01)
+            assert dom is not None
+            p2l0 = default_phy2log(G)
+            before = (Path("/dev/shm") / name).read_bytes()
+            dom.publish_plan(build_plan(1, 0, p2l0, new, G))
+            _flip_plan_bytes(name, before)
+            go.set()  # ranks start stepping only now: nobody saw the intact plan
+            seen["s1"] = _wait_final(dom, 1)
+            bad = build_plan(2, 0, p2l0, new, G)
+            ops = bad.ops.copy()
+            i = int(np.flatnonzero(ops["kind"] == RECV)[0])
+            ops["expert"][i] = (ops["expert"][i] + 1) % G.num_experts  # lies about the source
+            dom.publish_plan(Plan(2, 0, bad.phy2log, bad.log2phy, bad.replica_count, bad.op_indptr, ops))
+            seen["s2"] = _wait_final(dom, 2)
+            dom.publish_plan(build_plan(3, 0, p2l0, new, G))
+            seen["s3"] = _wait_final(dom, 3)
+            dom.close()
+        except BaseException as e:
+            seen["error"] = e
+            go.set()
+
+    spec = {
+        "domain": name,
+        "config": {"sync_interval": 2},
+        "go": go,
+        "commits": 1,
+        "rejects": 2,
+    }
+    th: list[threading.Thread] = []
+
+    def started() -> None:
+        t = threading.Thread(target=feeder, daemon=True)
+        t.start()
+        th.append(t)
+
+    res = launch(rank_main, WORLD, spec, timeout=90, on_started=started)
+    for t in th:
+        t.join(10)
+    assert "error" not in seen, seen.get("error")
+    check_consistent(res)
+    for r in res:
+        s = r["stats"]
+        assert (s["plans_rejected"], s["plans_committed"], s["plans_started"]) == (2, 1, 1)
+        ev = [(e, p) for e, p, _ in s["history"]]
+        assert ev == [("reject", 1), ("reject", 2), ("start", 3), ("commit", 3)]
+    assert seen["s1"].state == PLAN_REJECTED and seen["s1"].error == C.ERR_UNREADABLE
+    assert seen["s2"].state == PLAN_REJECTED and seen["s2"].error == C.ERR_INVALID
+    assert seen["s3"].state == PLAN_COMMITTED
+    assert np.array_equal(res[0]["phy2log"], new) and res[0]["epoch"] == 3
+
+
+def _wait_final(dom: Domain, plan_id: int, timeout: float = 30.0) -> Any:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        st = dom.read_plan_status()
+        if st.plan_id == plan_id and st.state >= PLAN_COMMITTED:
+            return st
+        time.sleep(0.002)
+    raise TimeoutError(f"plan {plan_id} not final")
+
+
+def test_staging_too_small_aborts_on_every_rank(shm_prefix: str) -> None:
+    """max_staged_experts below a layer's need: every rank flags it, all abort, nothing changes."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=1, source="random", seed=3)
+    spec = {"domain": name, "config": {"sync_interval": 2, "max_staged_experts": 1}, "commits": 0, "aborts": 1}
+    res = run(spec, driver)
+    check_consistent(res)
+    assert res[0]["stats"]["plans_aborted"] == 1 and res[0]["stats"]["last_error"] == C.ERR_STAGING
+    assert np.array_equal(res[0]["phy2log"], default_phy2log(G)) and res[0]["epoch"] == 0
+
+
+def test_stuck_rank_times_out_and_all_abort_together(shm_prefix: str) -> None:
+    """Rank 2's transfer thread hangs: peers' p2p waits time out, every rank aborts at the
+    same sync, committed layers (none here) stay, the placement stays valid."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=1, source="random", seed=4)
+    spec = {
+        "domain": name,
+        "config": {"sync_interval": 2, "p2p_timeout_s": 1.0, "plan_timeout_syncs": 400},
+        "commits": 0,
+        "aborts": 1,
+        "break_rank": 2,
+    }
+    res = run(spec, driver)
+    check_consistent(res)
+    assert res[0]["stats"]["last_error"] == C.ERR_TRANSFER
+    aborts = [[h for h in r["stats"]["history"] if h[0] == "abort"] for r in res]
+    assert all(a == aborts[0] for a in aborts) and len(aborts[0]) == 1
+    # The partially staged plan never touched weights: still the default placement.
+    assert np.array_equal(res[0]["phy2log"], default_phy2log(G))
+
+
+def test_log2phy_compact_matches_plan_tables() -> None:
+    """The client derives padded log2phy from phy2log; the plan's compact table agrees."""
+    from eplbd.planner import build_plan
+
+    rng = np.random.default_rng(0)
+    from eplbd.policy import rebalance
+
+    new = rebalance(rng.gamma(0.5, 1.0, (G.num_layers, G.num_experts)), None, G, policy="greedy")
+    plan = build_plan(1, 0, default_phy2log(G), new, G)
+    assert np.array_equal(plan.log2phy, log2phy_compact(new))
