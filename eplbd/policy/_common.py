@@ -42,13 +42,22 @@ def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     counts = np.ones((B, m), dtype=np.int64)
     if extra == 0:
         return counts
+    # Only experts whose load exceeds the final largest share get extra replicas,
+    # each at least one, so they are among the ``extra`` heaviest (ties: lower
+    # index first, as in the argmax below): iterate on those columns only.
+    top = np.sort(np.argsort(-w, axis=1, kind="stable")[:, : min(extra, m)], axis=1)
+    wt = np.take_along_axis(w, top, axis=1)
+    ct = np.ones(wt.shape, dtype=np.int64)
     ar = np.arange(B)
     # Zero-load experts still compete (score 0) so the loop always finds a slot
     # owner; -1 marks experts that hit the cap.
     for _ in range(extra):
-        score = np.where(counts < cap, w / counts, -1.0)
+        score = np.where(ct < cap, wt / ct, -1.0)
         idx = np.argmax(score, axis=1)
-        counts[ar, idx] += 1
+        ct[ar, idx] += 1
+    if (ct.sum(axis=1) - ct.shape[1] < extra).any():  # pragma: no cover - cap leaves no room
+        raise AssertionError("replicate: extra slots left unassigned")
+    np.put_along_axis(counts, top, ct, axis=1)
     return counts
 
 
