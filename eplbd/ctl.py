@@ -173,7 +173,7 @@ def domain_status(name: str, now_ns: int | None = None) -> dict[str, Any]:
                     "cross_node": info.moves_cross_node,
                     "local": info.moves_local,
                 },
-                "compute_ms": round(float(info.compute_ms), 3),
+                "compute_ms": round(float(info.compute_ms), 3),  # of the last published plan
             }
         return d
     except Exception as e:
@@ -283,9 +283,12 @@ def format_status(st: dict[str, Any]) -> str:
         if dm is not None:
             mv = dm["moves"]
             lines.append(
-                f"  decision    {dm['last_decision']}; beta {_num(dm['beta_now'])} -> "
-                f"{_num(dm['beta_pred'])}; moves remote {mv['remote']} (cross-node "
-                f"{mv['cross_node']}) local {mv['local']}; {dm['compute_ms']:.1f} ms"
+                f"  decision    {dm['last_decision']} (beta of the forecast: {_num(dm['beta_now'])} now, "
+                f"{_num(dm['beta_pred'])} predicted)"
+            )
+            lines.append(
+                f"  last plan   moves remote {mv['remote']} (cross-node {mv['cross_node']}) local "
+                f"{mv['local']}; computed in {dm['compute_ms']:.1f} ms"
             )
             lines.append(
                 f"  counters    windows {dm['windows_seen']}, plans {dm['plans_published']}, "

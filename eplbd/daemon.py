@@ -7,6 +7,11 @@ Structure (imperative shell around the pure policy/forecast/planner core):
   ``discovery_interval_s`` <= 1 s), the systemd notify protocol (READY, STATUS,
   WATCHDOG, STOPPING), the metrics server, and the release of segments whose
   owner died.
+- Before serving a domain the daemon takes ``flock(LOCK_EX)`` on its segment
+  file, so two daemons (systemd's and a stray manual one) never both plan for
+  it; the kernel drops the lock when its holder dies, so a restarted daemon
+  takes over at once. WATCHDOG=1 is withheld while a worker has not looped for
+  :data:`STALL_S`, so systemd restarts a daemon with a hung worker.
 - Each attached **domain gets one worker thread** that sleeps on the domain's
   doorbell (timeout ``poll_interval_s``), reads new windows, decides and
   publishes plans and writes :class:`DaemonInfo`. One thread per domain is the
@@ -63,11 +68,21 @@ from typing import Any
 import numpy as np
 
 from eplbd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, unknown_env
+from eplbd.forecast import forecast
 from eplbd.metrics import NullMetrics, make_metrics
 from eplbd.notify import Notifier
 from eplbd.placement import MoveCounts, balancedness, count_moves
+from eplbd.planner import build_plan, validate_plan
+from eplbd.policy import rebalance
+from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED, DaemonInfo, Domain, list_domains
+from eplbd.shm.names import segment_path
 
 __all__ = ["Daemon", "Logger", "configure_parser", "run_cli", "plan_interval_windows", "trigger_window"]
+
+#: A worker that has not completed a loop iteration for this long is considered hung:
+#: the daemon stops pinging the systemd watchdog so that systemd restarts it. A
+#: DeepSeek-V3-sized decision takes well under a second.
+STALL_S = 60.0
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}
 
@@ -158,6 +173,7 @@ class DomainWorker(threading.Thread):
         self.name_ = dom.name
         self.stop_event = threading.Event()
         self.owner_dead = False
+        self.fatal = ""
         self.started_ns = time.time_ns()
         self.windows_seen = 0
         self.plans_published = 0
@@ -165,10 +181,15 @@ class DomainWorker(threading.Thread):
         self.last_seen = -1  # newest window id read
         self.handled = -1  # newest trigger window decided (or taken as decided)
         self.last_decision = "attached"
-        self.last: Decision | None = None
+        # DaemonInfo reports beta now/predicted of the last evaluation (a decision that ran
+        # the policy) and moves/compute time of the last published plan.
+        self.last_eval: Decision | None = None
+        self.last_plan: Decision | None = None
+        self.loop_at = time.monotonic()  # last loop iteration (the main thread's stall check)
         self._inflight: tuple[int, int, float] | None = None  # (plan id, layers committed, since)
         self._last_heartbeat = 0.0
         self._last_error = ""
+        self._wcache: dict[int, np.ndarray] = {}  # window id -> loads [L, E] (see history())
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -185,7 +206,8 @@ class DomainWorker(threading.Thread):
             self.resume_point()
             self.write_info()
         except Exception as e:  # a segment that cannot even be read: report and give up on it
-            self.fail(f"cannot resume: {type(e).__name__}: {e}")
+            self.fatal = f"cannot resume: {type(e).__name__}: {e}"
+            self.fail(self.fatal)
             self.d.worker_exited(self)
             return
         log.info(
@@ -195,6 +217,7 @@ class DomainWorker(threading.Thread):
             geometry=_geom_str(self.dom.geometry),
         )
         while not (self.stop_event.is_set() or self.d.stop_event.is_set()):
+            self.loop_at = time.monotonic()
             try:
                 self.dom.wait_doorbell(self.d.cfg.poll_interval_s)
                 if self.stop_event.is_set() or self.d.stop_event.is_set():
@@ -249,10 +272,8 @@ class DomainWorker(threading.Thread):
             self.write_info()
 
     def write_info(self) -> None:
-        from eplbd.shm import DaemonInfo
-
-        last = self.last
-        moves = last.moves if last is not None and last.moves is not None else MoveCounts(0, 0, 0)
+        ev, plan = self.last_eval, self.last_plan
+        moves = plan.moves if plan is not None and plan.moves is not None else MoveCounts(0, 0, 0)
         info = DaemonInfo(
             pid=os.getpid(),
             started_ns=self.started_ns,
@@ -262,20 +283,18 @@ class DomainWorker(threading.Thread):
             errors=self.errors,
             last_window=max(self.handled, self.last_seen),
             last_decision=self.last_decision.encode()[:96].decode(errors="ignore"),
-            beta_now=float(last.beta_now) if last is not None else float("nan"),
-            beta_pred=float(last.beta_pred) if last is not None else float("nan"),
+            beta_now=float(ev.beta_now) if ev is not None else float("nan"),
+            beta_pred=float(ev.beta_pred) if ev is not None else float("nan"),
             moves_remote=moves.remote,
             moves_cross_node=moves.cross_node,
             moves_local=moves.local,
-            compute_ms=float(last.compute_ms) if last is not None else 0.0,
+            compute_ms=float(plan.compute_ms) if plan is not None else 0.0,
         )
         self.dom.write_daemon_info(info)
         self._last_heartbeat = time.monotonic()
 
     def plan_in_flight(self) -> int:
         """Id of the published plan that still blocks a new one, or -1."""
-        from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED
-
         dom = self.dom
         pid = dom.latest_plan_id()
         if pid < 0:
@@ -306,34 +325,42 @@ class DomainWorker(threading.Thread):
             self.errors += 1
             self.d.metrics.error(self.name_)
         dec.compute_ms = (time.perf_counter() - t0) * 1e3
-        self.last = dec
+        if not math.isnan(dec.beta_now):
+            self.last_eval = dec
+        if dec.decision == "publish":
+            self.last_plan = dec
         self.report(dec)
         # DaemonInfo.last_window = trig marks the trigger as decided (see module docstring).
         self.write_info()
 
     def _decide(self, trig: int, t0: float) -> Decision:
-        from eplbd.forecast import forecast
-        from eplbd.planner import build_plan, validate_plan
-        from eplbd.policy import rebalance
-
         dom, cfg, g = self.dom, self.d.cfg, self.dom.geometry
         inflight = self.plan_in_flight()
         if inflight >= 0:
             return Decision(trig, "wait", reason="plan_in_flight", plan_id=inflight)
-        wins = []
-        for wid in range(max(0, trig - cfg.history_windows + 1), trig + 1):
-            w = dom.read_window(wid)
-            if w is not None:
-                wins.append(w.loads)
+        ph: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            ph[phase] = (now - t) * 1e3
+            t = now
+
+        wins = self.history(trig)
         if not wins:
             return Decision(trig, "skip", reason="window_overwritten")
         loads = np.stack(wins)  # [W, L, E]
-        fc = forecast(loads, method=cfg.forecast, alpha=cfg.forecast_alpha)  # [L, E] float64
         epoch, cur = dom.read_placement()  # [L, P] int32
+        lap("read")
+        fc = forecast(loads, method=cfg.forecast, alpha=cfg.forecast_alpha)  # [L, E] float64
+        lap("forecast")
         new = rebalance(fc, cur, g, policy=cfg.policy)
+        lap("policy")
         beta_now = balancedness(fc, cur, g)
         beta_pred = balancedness(fc, new, g)
         moves = count_moves(cur, new, g)
+        lap("gate")
         dec = Decision(trig, "skip", beta_now=beta_now, beta_pred=beta_pred, moves=moves)
         if moves.total == 0:
             dec.reason = "no_change"
@@ -345,15 +372,40 @@ class DomainWorker(threading.Thread):
             dec.extra["max_moves"] = cfg.max_moves_per_plan
         else:
             plan = build_plan(trig, epoch, cur, new, g)
+            lap("plan")
             validate_plan(plan, cur, g)
+            lap("validate")
             if self.stop_event.is_set() or self.d.stop_event.is_set():
                 return Decision(trig, "skip", reason="stopping")
             dom.publish_plan(plan)
+            lap("publish")
             self.plans_published += 1
             self.d.last_plan = (self.name_, trig)
             dec.decision, dec.plan_id = "publish", trig
             dec.extra["ops"] = plan.num_ops
+        dec.extra["phases_ms"] = ",".join(f"{k}:{v:.1f}" for k, v in ph.items())
         return dec
+
+    def history(self, trig: int) -> list[np.ndarray]:
+        """Loads [L, E] of windows ``[trig - history_windows + 1, trig]`` still in the ring, oldest first.
+
+        Windows never change once written (ids strictly increase; a slot is only
+        reused for a newer id), so they are cached by id; the cache is just a
+        copy of the ring and is rebuilt from it after a restart.
+        """
+        lo = max(0, trig - self.d.cfg.history_windows + 1)
+        cache = {wid: a for wid, a in self._wcache.items() if lo <= wid <= trig}
+        out = []
+        for wid in range(lo, trig + 1):
+            a = cache.get(wid)
+            if a is None:
+                w = self.dom.read_window(wid)
+                if w is None:
+                    continue  # overwritten (ring smaller than the history) or never written
+                a = cache[wid] = w.loads
+            out.append(a)
+        self._wcache = cache
+        return out
 
     def report(self, dec: Decision) -> None:
         kv: dict[str, Any] = {"domain": self.name_, "window": dec.window, "decision": dec.decision}
@@ -411,9 +463,11 @@ class Daemon:
         self.broken: dict[str, str] = {}  # name -> last error (logged once per change)
         self.dead: dict[str, tuple[float, int, int]] = {}  # name -> (since, owner pid, created ns)
         self.last_plan: tuple[str, int] | None = None
+        self.backoff: dict[str, float] = {}  # name -> monotonic time before which it is not retried
         self._lock = threading.Lock()
         self._exited: list[DomainWorker] = []
         self._status = ""
+        self._stall_logged = False
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -473,14 +527,15 @@ class Daemon:
                 del self.workers[w.name_]
             if w.owner_dead:
                 self.dead[w.name_] = (time.monotonic(), w.dom.owner_pid, w.dom.created_ns)
+            elif w.fatal:
+                # The worker gave up on this segment: retry it later, not at every discovery.
+                self.backoff[w.name_] = time.monotonic() + 5.0
             with contextlib.suppress(Exception):
                 w.dom.close()
             w.release_claim()
             self.metrics.remove(w.name_)
 
     def discover(self) -> None:
-        from eplbd.shm import Domain, list_domains
-
         self._reap()
         names = set(list_domains(self.cfg.shm_prefix))
         for name in list(self.workers):
@@ -496,6 +551,9 @@ class Daemon:
             if name in self.dead:
                 self._check_dead(name)
                 continue
+            if self.backoff.get(name, 0.0) > time.monotonic():
+                continue
+            self.backoff.pop(name, None)
             claim = self._claim(name)
             if isinstance(claim, str):
                 if self.broken.get(name) != claim:
@@ -540,8 +598,6 @@ class Daemon:
         """
         import fcntl
 
-        from eplbd.shm.names import segment_path
-
         try:
             fd = os.open(segment_path(name), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -555,8 +611,6 @@ class Daemon:
 
     @staticmethod
     def _other_daemon(name: str) -> str:
-        from eplbd.shm import Domain
-
         with contextlib.suppress(Exception), Domain.attach(name, writable=False) as dom:
             info = dom.read_daemon_info()
             if info is not None:
@@ -565,8 +619,6 @@ class Daemon:
 
     def _refuse(self, dom: Any, claim: int) -> str:
         """Why this domain must not be served now ('' if it may)."""
-        from eplbd.shm.names import segment_path
-
         try:
             if os.fstat(claim).st_ino != os.stat(segment_path(dom.name)).st_ino:
                 return "segment replaced while attaching; retrying"
@@ -579,8 +631,6 @@ class Daemon:
 
     def _check_dead(self, name: str) -> None:
         """A dead owner's segment: unlink after the grace period unless it was re-created."""
-        from eplbd.shm import Domain
-
         since, owner, created = self.dead[name]
         try:
             dom = Domain.attach(name, writable=True)  # unlink may need a writable attachment
@@ -603,6 +653,11 @@ class Daemon:
             dom.close()
 
     # --- status ----------------------------------------------------------------------------
+
+    def stalled_workers(self) -> list[str]:
+        """Domains whose worker has not looped for STALL_S (a hang, not a slow plan)."""
+        now = time.monotonic()
+        return [n for n, w in self.workers.items() if w.is_alive() and now - w.loop_at > STALL_S]
 
     def status_text(self) -> str:
         s = f"serving {len(self.workers)} domain(s)"
@@ -647,7 +702,15 @@ class Daemon:
             if st != self._status:
                 self.notifier.status(st)
                 self._status = st
-            self.notifier.ping_watchdog()
+            stalled = self.stalled_workers()
+            if stalled:
+                # Withhold WATCHDOG=1: systemd restarts a daemon with a wedged worker.
+                if not self._stall_logged:
+                    self.log.error("worker stalled; withholding watchdog pings", domains=",".join(stalled))
+                    self._stall_logged = True
+            else:
+                self._stall_logged = False
+                self.notifier.ping_watchdog()
             timeout = next_discovery - time.monotonic()
             ping_in = self.notifier.next_ping_in()
             if ping_in is not None:
@@ -680,6 +743,10 @@ class Daemon:
         return 0
 
 
+def _toml(v: Any) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else repr(v)
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -699,8 +766,11 @@ def run_cli(args: argparse.Namespace) -> int:
         log.error(str(e))
         return 2
     if getattr(args, "check", False):
-        for k in cfg.__dataclass_fields__:
-            print(f"{k} = {getattr(cfg, k)!r}")
+        # One write, TOML syntax: the output is itself a valid config file.
+        text = "".join(f"{k} = {_toml(getattr(cfg, k))}\n" for k in cfg.__dataclass_fields__)
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.write(text)
+            sys.stdout.flush()
         return 0
     log.level = cfg.log_level
     return Daemon(cfg, args.config, log=log).run()

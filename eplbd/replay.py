@@ -182,8 +182,8 @@ def plot(res: ReplayResult, path: str) -> None:
 
     t = np.arange(res.beta.size)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[2, 1])
-    ax1.plot(t, res.beta, label=f"{res.policy} (mean {res.beta[res.first_window:].mean():.3f})")
-    ax1.plot(t, res.beta_static, label=f"static (mean {res.beta_static[res.first_window:].mean():.3f})")
+    ax1.plot(t, res.beta, label=f"{res.policy} (mean {res.beta[res.first_window :].mean():.3f})")
+    ax1.plot(t, res.beta_static, label=f"static (mean {res.beta_static[res.first_window :].mean():.3f})")
     ax1.plot(t, res.beta_bound, ":", color="grey", label="upper bound (hindsight)")
     ax1.set_ylabel("β = Σ mean / Σ max rank load")
     ax1.set_ylim(0, 1.02)
@@ -202,7 +202,7 @@ def plot(res: ReplayResult, path: str) -> None:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", nargs="?", help="trace file .npy of token counts [T, L, E]")
     p.add_argument("--synthetic", action="store_true",
-                   help="replay a synthetic drifting trace instead of a file (DeepSeek-V3 shape by default)")  # fmt: skip
+                   help="replay a synthetic drifting trace (DeepSeek-V3 shape by default)")  # fmt: skip
     p.add_argument("--windows", type=int, default=200, help="synthetic: windows T (default 200)")
     p.add_argument("--layers", type=int, default=None, help="synthetic: layers L (default 58)")
     p.add_argument("--experts", type=int, default=None, help="synthetic: experts E (default 256)")

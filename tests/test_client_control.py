@@ -49,8 +49,9 @@ def test_start_needs_every_rank_ok_same_hash_and_base() -> None:
 
 
 def test_commit_progress_abort_and_timeout() -> None:
-    st = C.Agreed(epoch=0, sync=10, active_id=5, active_base=0, active_layers=3, committed=1,
-                  last_progress_sync=9)
+    st = C.Agreed(
+        epoch=0, sync=10, active_id=5, active_base=0, active_layers=3, committed=1, last_progress_sync=9
+    )
     w = words(active=5, committed=1, staged=2)
     w[3, C.W_STAGED] = 3
     assert C.decide(w, st, 4) == C.Decision(C.COMMIT, 5, commit_to=2)

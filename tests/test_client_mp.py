@@ -90,7 +90,9 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(spec: dict[str, Any], driver: PlanDriver | None = None, timeout: float = 90.0) -> list[dict[str, Any]]:
+def run(
+    spec: dict[str, Any], driver: PlanDriver | None = None, timeout: float = 90.0
+) -> list[dict[str, Any]]:
     th: list[threading.Thread] = []
 
     def started() -> None:
@@ -249,7 +251,12 @@ def test_staging_too_small_aborts_on_every_rank(shm_prefix: str) -> None:
     """max_staged_experts below a layer's need: every rank flags it, all abort, nothing changes."""
     name = shm_prefix + "job.m0"
     driver = PlanDriver(name, G, plans=1, source="random", seed=3)
-    spec = {"domain": name, "config": {"sync_interval": 2, "max_staged_experts": 1}, "commits": 0, "aborts": 1}
+    spec = {
+        "domain": name,
+        "config": {"sync_interval": 2, "max_staged_experts": 1},
+        "commits": 0,
+        "aborts": 1,
+    }
     res = run(spec, driver)
     check_consistent(res)
     assert res[0]["stats"]["plans_aborted"] == 1 and res[0]["stats"]["last_error"] == C.ERR_STAGING

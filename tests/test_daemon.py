@@ -256,3 +256,87 @@ def test_one_daemon_per_domain_and_takeover(tmp_path: Path, prefix: str) -> None
             for d in (d1, d2):
                 if d.proc.poll() is None:
                     assert d.stop() == 0
+
+
+def test_restart_resumes_from_shm_without_redeciding(tmp_path: Path, prefix: str) -> None:
+    name = prefix + "resume"
+    with leader(name, SMALL) as ld:
+        d = start(tmp_path, prefix)
+        try:
+            for _ in range(4):
+                ld.write()
+            wait_for(lambda: ld.dom.latest_plan_id() == 3, what="plan 3")
+            wait_for(lambda: (i := ld.dom.read_daemon_info()) and i.last_window >= 3, what="info")
+        finally:
+            assert d.stop() == 0
+        ld.write()  # window 4, written while no daemon runs
+        (tmp_path / "b").mkdir()
+        d2 = start(tmp_path / "b", prefix)
+        try:
+            line = wait_for(lambda: d2.lines("serving domain"), what="re-attach")[0]
+            assert "resume_after_window=3" in line, line
+            time.sleep(0.3)
+            assert not d2.lines("decision="), "window 3 was decided again after the restart"
+            for _ in range(3):
+                ld.write()  # windows 5..7: 7 triggers
+            wait_for(lambda: d2.lines("decision="), what="next decision")
+            assert "window=7" in d2.lines("decision=")[0]
+            assert "decision=wait" in d2.lines("decision=")[0]  # plan 3 is still in flight
+        finally:
+            assert d2.stop() == 0
+
+
+def test_metrics_on_loopback(tmp_path: Path, prefix: str) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port (tiny race with other processes; fine for a test)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = prefix + "m"
+    with leader(name, SMALL) as ld:
+        d = start(tmp_path, prefix, metrics_port=port)
+        try:
+            wait_for(lambda: d.lines("metrics serving"), what="metrics server")
+            for _ in range(4):
+                ld.write()
+            wait_for(lambda: ld.dom.latest_plan_id() == 3, what="plan")
+
+            def scrape() -> str:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+            text = wait_for(
+                lambda: (t := scrape()) and f'eplbd_plans_published_total{{domain="{name}"}} 1.0' in t and t
+            )
+            assert f'eplbd_windows_total{{domain="{name}"}} 4.0' in text
+            assert f'eplbd_decisions_total{{decision="publish",domain="{name}"}} 1.0' in text
+            assert f'eplbd_beta_predicted{{domain="{name}"}}' in text
+            assert f'eplbd_plan_moves{{domain="{name}",kind="remote"}}' in text
+            assert "eplbd_domains 1.0" in text
+        finally:
+            assert d.stop() == 0
+
+
+def test_daemon_side_never_imports_torch_or_metrics_when_off() -> None:
+    r = run_py(
+        "import sys, eplbd.daemon, eplbd.ctl, eplbd.cli\n"
+        "print(sorted(m for m in ('torch', 'prometheus_client', 'matplotlib') if m in sys.modules))"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_log_line_format() -> None:
+    import io
+
+    from eplbd.daemon import Logger
+
+    buf = io.StringIO()
+    Logger("info", buf, journal=True).info(domain="d", window=7, decision="publish", beta_now=0.61234)
+    assert buf.getvalue() == "<6>eplbd: domain=d window=7 decision=publish beta_now=0.6123\n"
+    buf = io.StringIO()
+    lg = Logger("warning", buf, journal=False)
+    lg.info("hidden")
+    lg.error("domain error", domain="x", error="two words")
+    out = buf.getvalue()
+    assert out.count("\n") == 1 and ' error: domain error domain=x error="two words"' in out

@@ -67,9 +67,12 @@ while not os.path.exists(stop):
         reads += 1
         if p.plan_id > d.latest_plan_id():
             bad.append(f"current plan {p.plan_id} is newer than latest_plan_id")
-        validate_plan(p, old, g)  # a half-written plan cannot transform old into its new placement
         h = plan_hash(p)
-        if hashes.setdefault(p.plan_id, h) != h:
+        if p.plan_id not in hashes:
+            # A half-written plan cannot transform old into its new placement.
+            validate_plan(p, old, g)
+            hashes[p.plan_id] = h
+        elif hashes[p.plan_id] != h:
             bad.append(f"plan {p.plan_id} read with two different contents")
     except TornReadError:
         torn += 1  # rejected and retried: never acted on
@@ -121,8 +124,9 @@ def _plan_slot_seqs(name: str, g: Geometry) -> tuple[mmap.mmap, list[int]]:
     return mm, [lo.plan_slot0_off, lo.plan_slot1_off]
 
 
-def _odd(mm: mmap.mmap, offs: list[int]) -> bool:
-    return any(int.from_bytes(mm[o : o + 8], "little") & 1 for o in offs)
+def _seqs(mm: mmap.mmap, offs: list[int]) -> list[int]:
+    """The seqlock words of both plan slots (odd = a write in progress or torn by a kill)."""
+    return [int.from_bytes(mm[o : o + 8], "little") for o in offs]
 
 
 def test_kill9_never_exposes_half_plan_and_restart_resumes(tmp_path: Path, prefix: str) -> None:
@@ -156,20 +160,30 @@ def test_kill9_never_exposes_half_plan_and_restart_resumes(tmp_path: Path, prefi
         for i in range(20):
             d = DaemonProc(conf, tmp_path / f"d{i}.log")
             wait_for(lambda d=d: d.lines("serving domain"), timeout=30, what="attach")
+            t_attach = time.monotonic()
             if i < 12:
                 time.sleep(rng.uniform(0.0, 0.6))
                 d.kill9()
             else:
-                # A slot left odd by the previous kill is rewritten by this daemon's first publish.
-                wait_for(lambda: not _odd(mm, seq_offs), timeout=30, what="torn slot rewritten")
-                deadline = time.monotonic() + 10
-                while not _odd(mm, seq_offs) and time.monotonic() < deadline:
-                    pass
+                # Kill as soon as a plan slot's seq turns odd at a new value: this daemon has
+                # started a publish (a slot left odd by the previous kill keeps its old value).
+                start = _seqs(mm, seq_offs)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    now = _seqs(mm, seq_offs)
+                    if any(v & 1 and v != s0 for v, s0 in zip(now, start, strict=True)):
+                        break
                 os.kill(d.pid, signal.SIGKILL)
                 d.kill9()
-                mid_publish += _odd(mm, seq_offs)
+                after = _seqs(mm, seq_offs)
+                mid_publish += any(v & 1 and v != s0 for v, s0 in zip(after, start, strict=True))
             kills += 1
-            print(f"kill {i} at {time.monotonic() - t_start:.2f}s mid_publish={mid_publish}", file=sys.stderr)
+            now = time.monotonic()
+            print(
+                f"kill {i} at {now - t_start:.2f}s (attached {now - t_attach:.2f}s before) "
+                f"mid_publish={mid_publish}",
+                file=sys.stderr,
+            )
         before = ld.dom.latest_plan_id()
         d = DaemonProc(conf, tmp_path / "final.log")
         wait_for(lambda: ld.dom.latest_plan_id() > before, timeout=30, what="next plan after restart")

@@ -144,7 +144,8 @@ def test_deterministic(policy: str) -> None:
     for x, y in zip(outs[0], outs[1], strict=True):
         assert x.tobytes() == y.tobytes()
     # same answer whatever the input dtype or memory layout
-    again = rebalance(np.asfortranarray(tr[0].astype(np.float32).astype(np.float64)), cur.astype(np.int64), g, policy)
+    loads = np.asfortranarray(tr[0].astype(np.float32).astype(np.float64))
+    again = rebalance(loads, cur.astype(np.int64), g, policy)
     assert again.tobytes() == outs[0][0].tobytes()
 
 
@@ -235,7 +236,7 @@ def test_gain_gate_noise_only_moves_almost_nothing() -> None:
     rng = np.random.default_rng(0)
     p = rng.lognormal(0, 1.0, (8, 64))
     p /= p.sum(axis=1, keepdims=True)
-    base = rebalance(p * 1e6, default_phy2log(g), g)
+    base = rebalance(p * 1e6, None, g)  # well packed for the true popularity
     moved = 0
     for _ in range(10):
         noisy = rng.multinomial(200_000, p)  # same popularity, sampling noise only
@@ -261,7 +262,12 @@ def test_moveaware_beats_greedy_with_fewer_moves_on_drifting_trace() -> None:
 def test_moveaware_from_current_reaches_scratch_balance() -> None:
     g = Geometry(4, 64, 16, 5, num_nodes=2)
     w = drifting_trace(1, 4, 64, seed=9)[0].astype(float)
-    scratch = balancedness(w, rebalance(w, None, g, "greedy"), g)
-    out = rebalance(w, default_phy2log(g), g, min_gain=0.0)
-    assert balancedness(w, out, g) >= scratch - 0.01
-    assert count_moves(default_phy2log(g), out, g).total < g.num_layers * g.num_slots
+    cur = default_phy2log(g)
+    scratch = rebalance(w, None, g, "greedy")
+    tight = rebalance(w, cur, g, slack=0.0)
+    assert balancedness(w, tight, g) >= balancedness(w, scratch, g) - 0.005
+    assert count_moves(cur, tight, g).remote < 0.75 * count_moves(cur, scratch, g).remote
+    # default: stops once no rank is more than `slack` (6%) above the mean, with fewer moves still
+    loose = rebalance(w, cur, g)
+    assert balancedness(w, loose, g) >= 1 / 1.06 - 0.01
+    assert count_moves(cur, loose, g).remote <= count_moves(cur, tight, g).remote

@@ -142,6 +142,9 @@ class ClientStats:
     publish_errors: int = 0
     poll_errors: int = 0
     stw_seconds: float = 0.0  # forward-thread time spent in stop-the-world transfers
+    # Wall time of the collective calls of the latest sync (launch + wait), so a
+    # benchmark can subtract it from step() and see the client's own cost.
+    last_collective_ns: int = 0
     history: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (event, plan, sync)
 
 
@@ -314,6 +317,7 @@ class EplbClient:
         n = self.stats.syncs
         st.sync = n
         self.stats.steps = self._step
+        self.stats.last_collective_ns = 0
         # The counts in the recorder were taken under the placement in force
         # *before* this sync's decision (commits only happen here): capture it.
         K = self.config.sync_interval
@@ -332,7 +336,9 @@ class EplbClient:
         assert self._pending is not None
         work, ev, meta = self._pending
         self._pending = None
+        t0 = time.perf_counter_ns()
         work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+        self.stats.last_collective_ns += time.perf_counter_ns() - t0
         self.dev.synchronize_event(ev)  # device->host copy queued at launch; long done
         mat = self._host_recv.numpy().reshape(self.world, self._ls + C.NUM_WORDS)
         if self._pub is not None:
@@ -350,6 +356,7 @@ class EplbClient:
             self.recorder.acc.zero_()
             self._send[self._ls :].copy_(self._words_t)
         ev = None
+        t0 = time.perf_counter_ns()
         if self._comm_stream is not None and self._comm_same_device:
             self.dev.wait_event(self.dev.record_event(), self._comm_stream)
             with self.dev.use_stream(self._comm_stream):
@@ -359,6 +366,7 @@ class EplbClient:
                 ev = self.dev.record_event(self._comm_stream)
         else:
             work = self._gather(self._recv, self._send, group=self.group, async_op=True)
+        self.stats.last_collective_ns += time.perf_counter_ns() - t0
         self._pending = (work, ev, meta)
 
     # ------------------------------------------------------------------ decisions

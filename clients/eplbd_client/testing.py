@@ -168,6 +168,24 @@ class TinyMoE:
             ys[l].index_add_(0, tok, out)
         return x0 + ys.sum(0)
 
+    def rank_loads(self, step: int, phy2log: np.ndarray) -> np.ndarray:
+        """Tokens each rank would get in ``step`` under placement ``phy2log`` [L, P]: [L, R] int64.
+
+        Same replica choice as :meth:`forward` (token t -> replica t % count),
+        so for the placement in force it equals the ranks' recorded counts.
+        """
+        g = self.g
+        l2p = log2phy_padded(phy2log, g, g.max_replicas)
+        rc = replica_count(phy2log, g)
+        x0 = self.inputs(step)
+        tok = np.arange(self.tokens)[:, None]
+        out = np.zeros((g.num_layers, g.num_ranks), dtype=np.int64)
+        for l in range(g.num_layers):
+            ex = self.route(l, step, x0)[0].cpu().numpy()
+            p = l2p[l][ex, tok % rc[l][ex]]
+            out[l] = np.bincount((p // g.slots_per_rank).ravel(), minlength=g.num_ranks)
+        return out
+
     def weight_mismatches(self) -> list[tuple[int, int]]:
         """(layer, local slot) whose weights are not bitwise those of the expert phy2log says."""
         S = self.g.slots_per_rank
@@ -294,6 +312,7 @@ class PlanDriver:
     last windows) and publishes the plan with id = newest window id. ``mutate``
     may replace a plan before it is published (fault injection). Stops after
     ``plans`` plans or when :meth:`stop` is called. ``published`` lists the ids.
+    The first plan waits for window ``first_window`` (default ``gap_windows``).
     """
 
     def __init__(
@@ -307,9 +326,11 @@ class PlanDriver:
         seed: int = 0,
         mutate: Callable[[int, Any], Any] | None = None,
         timeout: float = 60.0,
+        first_window: int | None = None,
     ) -> None:
         self.name, self.g, self.plans, self.source = name, g, plans, source
         self.gap, self.mutate, self.timeout = gap_windows, mutate, timeout
+        self.first_window = gap_windows if first_window is None else first_window
         self.rng = np.random.default_rng(seed)
         self.published: list[int] = []
         self.statuses: list[Any] = []
@@ -343,7 +364,7 @@ class PlanDriver:
             except Exception:
                 _time.sleep(0.01)
         try:
-            next_wid = self.gap
+            next_wid = self.first_window
             while len(self.published) < self.plans and not self._stop.is_set():
                 if _time.monotonic() > deadline:
                     raise TimeoutError(f"PlanDriver: {len(self.published)} plans in {self.timeout} s")

@@ -43,22 +43,34 @@ def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     if extra == 0:
         return counts
     # Only experts whose load exceeds the final largest share get extra replicas,
-    # each at least one, so they are among the ``extra`` heaviest (ties: lower
-    # index first, as in the argmax below): iterate on those columns only.
-    top = np.sort(np.argsort(-w, axis=1, kind="stable")[:, : min(extra, m)], axis=1)
-    wt = np.take_along_axis(w, top, axis=1)
-    ct = np.ones(wt.shape, dtype=np.int64)
+    # each at least one, so usually they are among the ``extra`` heaviest: iterate
+    # on those columns, then check that every increment taken beat the heaviest
+    # expert left out (strictly, so ties resolve as the full loop would).
+    if extra < m:
+        srt = np.argsort(-w, axis=1, kind="stable")
+        top = np.sort(srt[:, :extra], axis=1)
+        ct, low = _increments(np.take_along_axis(w, top, axis=1), extra, cap)
+        out_max = np.take_along_axis(w, srt[:, extra : extra + 1], axis=1)[:, 0]
+        if (low > out_max).all():
+            np.put_along_axis(counts, top, ct, axis=1)
+            return counts
+    ct, _ = _increments(w, extra, cap)
+    return ct
+
+
+def _increments(w: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts after ``extra`` largest-share increments, and the smallest share incremented [B]."""
+    B = w.shape[0]
+    ct = np.ones(w.shape, dtype=np.int64)
     ar = np.arange(B)
-    # Zero-load experts still compete (score 0) so the loop always finds a slot
-    # owner; -1 marks experts that hit the cap.
+    low = np.full(B, np.inf)
+    # -1 marks capped experts; zero-load experts still compete with score 0.
     for _ in range(extra):
-        score = np.where(ct < cap, wt / ct, -1.0)
+        score = np.where(ct < cap, w / ct, -1.0)
         idx = np.argmax(score, axis=1)
+        low = np.minimum(low, score[ar, idx])
         ct[ar, idx] += 1
-    if (ct.sum(axis=1) - ct.shape[1] < extra).any():  # pragma: no cover - cap leaves no room
-        raise AssertionError("replicate: extra slots left unassigned")
-    np.put_along_axis(counts, top, ct, axis=1)
-    return counts
+    return ct, low
 
 
 def lpt_pack(
@@ -243,14 +255,15 @@ def local_search(
             break
         pr = rows[pb]
         r1, r2 = heavy[pb, pk], light[pb, pk]
-        lhp, llp = lh[pb, pk], rlr[pb, r2]
+        lhp = lh[pb, pk]
         eh, xh = pl[pr, r1], sh[pr, r1]  # [n, S_i]
         el, yl = pl[pr, r2], sh[pr, r2]  # [n, S_j]
         same = el[:, :, None] == eh[:, None, :]  # [n, S_j, S_i]
         c1 = same.any(axis=1)  # light rank already holds e_i
         c2 = same.any(axis=2)  # heavy rank already holds e_j
         d = xh[:, :, None] - yl[:, None, :]  # [n, S_i, S_j] load leaving the heavy rank
-        val = np.maximum(lhp[:, None, None] - d, llp[:, None, None] + d)
+        ah, al = rl[pr, r1][:, None, None] - d, rl[pr, r2][:, None, None] + d
+        val = np.maximum(ah, al)
         bad = c1[:, :, None] | c2[:, None, :] | (d <= 0)
         flat = np.where(bad, np.inf, val).reshape(pb.size, S * S)
         best = np.argmin(flat, axis=1)

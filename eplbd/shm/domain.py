@@ -10,6 +10,7 @@ The binary layout is defined in :mod:`eplbd.shm.layout`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import mmap
 import os
@@ -166,6 +167,12 @@ def _exact(a: object, dtype: np.dtype | str, shape: tuple[int, ...], what: str) 
     return np.ascontiguousarray(a)
 
 
+@functools.lru_cache(maxsize=16)
+def _op_limits(K: int, R: int, S: int, E: int) -> np.ndarray:
+    """Exclusive upper bounds of the OP_DTYPE columns, in field order."""
+    return np.array([K, 3, R, S, S, E], dtype=np.uint32)
+
+
 def _plan_bounds_problem(
     g: Geometry, K: int, phy2log: np.ndarray, log2phy: np.ndarray, rc: np.ndarray,
     indptr: np.ndarray, ops: np.ndarray,
@@ -176,23 +183,23 @@ def _plan_bounds_problem(
     if n > K:
         return f"{n} ops > capacity {K}"
     # Viewed as unsigned, a negative value is huge: one max() checks both ends.
+    # (np.maximum.reduce directly: these run on every plan read; skip the wrappers.)
+    umax = np.maximum.reduce
     for arr, hi, what in ((phy2log, E, "phy2log"), (log2phy, P, "log2phy"), (rc, R + 1, "replica_count")):
-        if arr.size and int(arr.view(np.uint32).max()) >= hi:
+        if arr.size and int(umax(arr.view(np.uint32), axis=None)) >= hi:
             return f"{what} values outside [0, {hi})"
     if int(indptr[0]) != 0:
         return f"op_indptr[0] = {int(indptr[0])} != 0"
     if int(indptr[-1]) != n:
         return f"op_indptr[-1] = {int(indptr[-1])} != n_ops = {n}"
-    if indptr.size > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+    if indptr.size > 1 and int(np.minimum.reduce(np.diff(indptr))) < 0:
         return "op_indptr is not monotonic"
     if n:
-        # OP_DTYPE is six packed <i4 columns: check all of them with two reductions.
-        cols = ops.view("<u4").reshape(n, len(_OP_FIELDS))
-        limits = np.array([K, 3, R, S, S, E])
-        bad = cols.max(axis=0) >= limits
+        # OP_DTYPE is six packed <i4 columns: check all of them with one reduction.
+        bad = umax(ops.view("<u4").reshape(n, len(_OP_FIELDS)), axis=0) >= _op_limits(K, R, S, E)
         if bad.any():
             i = int(np.argmax(bad))
-            return f"ops.{_OP_FIELDS[i]} values outside [0, {int(limits[i])})"
+            return f"ops.{_OP_FIELDS[i]} values outside [0, {int(_op_limits(K, R, S, E)[i])})"
     return None
 
 
@@ -246,6 +253,65 @@ def _geometry_from_header(name: str, h: dict[str, object]) -> Geometry:
 # ---------------------------------------------------------------- domain
 
 
+class _PlanSlot:
+    """One plan slot: its region and how its payload is carved up.
+
+    The payload is phy2log | log2phy | replica_count | op_indptr | ops, each
+    part starting on a 64-byte boundary (zero padding between). The CRC covers
+    the contiguous span from phy2log to the last used op, padding included, so
+    a reader makes one copy and one CRC pass and slices the arrays out of it.
+    """
+
+    __slots__ = ("region", "_dst", "_pads", "_span", "_spec", "_ops_off", "_cap")
+
+    def __init__(self, region: SeqRegion, lo: lay.Layout) -> None:
+        g = lo.geometry
+        L, E, R, P = g.num_layers, g.num_experts, g.num_ranks, g.num_slots
+        pl = region.payload
+        self.region = region
+        # (start, end, dtype, shape) of the four fixed parts inside the payload
+        self._spec = [
+            (o, o + int(np.prod(shp)) * np.dtype(dt).itemsize, np.dtype(dt), shp)
+            for o, shp, dt in (
+                (lo.slot_phy2log, (L, P), "<i4"),
+                (lo.slot_log2phy, (L, P), "<i4"),
+                (lo.slot_replica_count, (L, E), "<i4"),
+                (lo.slot_op_indptr, (L * R + 1,), "<i8"),
+            )
+        ]
+        self._ops_off, self._cap = lo.slot_ops, lo.ops_capacity
+        self._dst = [pl[a:b].view(dt).reshape(shp) for a, b, dt, shp in self._spec]
+        self._dst.append(pl[lo.slot_ops : lo.slot_ops + lo.ops_capacity * OP_DTYPE.itemsize].view(OP_DTYPE))
+        # (padding view, zeros) after each of the four fixed parts
+        starts = [sp[0] for sp in self._spec[1:]] + [lo.slot_ops]
+        self._pads = [(pl[sp[1] : nxt], np.zeros(nxt - sp[1], np.uint8))
+                      for sp, nxt in zip(self._spec, starts, strict=True)]
+        self._span = pl
+
+    def write_parts(self, arrays: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in range(4):
+            parts.append((self._dst[i], arrays[i]))
+            parts.append(self._pads[i])  # rewritten too: a stray byte there must not stick
+        n = arrays[4].shape[0]
+        parts.append((self._dst[4][:n], arrays[4]))
+        return parts
+
+    def read_parts(self, f: np.ndarray) -> list[np.ndarray] | None:
+        if f[3] == SLOT_EMPTY:
+            return []  # never published: the CRC covers the fields only
+        n = int(f[4])
+        if not 0 <= n <= self._cap:
+            return None  # torn or corrupt n_ops: retry
+        return [self._span[: self._ops_off + n * OP_DTYPE.itemsize]]
+
+    def split(self, span: np.ndarray, n: int) -> list[np.ndarray]:
+        """Arrays (views of the private copy ``span``) in Plan order."""
+        out = [span[a:b].view(dt).reshape(shp) for a, b, dt, shp in self._spec]
+        out.append(span[self._ops_off : self._ops_off + n * OP_DTYPE.itemsize].view(OP_DTYPE))
+        return out
+
+
 class Domain:
     """A mapped domain segment. See the module docstring for who writes what.
 
@@ -290,19 +356,12 @@ class Domain:
         self._placement = SeqRegion(buf, lo.placement_off, L * P * 4, f"domain {self.name!r} placement")
         self._placement_v = self._placement.payload.view("<i4").reshape(L, P)
         self._plan_slots: list[SeqRegion] = []
-        self._slot_views: list[tuple[np.ndarray, ...]] = []
+        self._slots: list[_PlanSlot] = []
         for i, off in enumerate((lo.plan_slot0_off, lo.plan_slot1_off)):
             r = SeqRegion(buf, off, lo.plan_slot_size - lay.REGION_HEADER_SIZE,
                           f"domain {self.name!r} plan slot {i}")
-            pl = r.payload
             self._plan_slots.append(r)
-            self._slot_views.append((
-                pl[lo.slot_phy2log : lo.slot_phy2log + L * P * 4].view("<i4").reshape(L, P),
-                pl[lo.slot_log2phy : lo.slot_log2phy + L * P * 4].view("<i4").reshape(L, P),
-                pl[lo.slot_replica_count : lo.slot_replica_count + L * E * 4].view("<i4").reshape(L, E),
-                pl[lo.slot_op_indptr : lo.slot_op_indptr + (L * R + 1) * 8].view("<i8"),
-                pl[lo.slot_ops : lo.slot_ops + lo.ops_capacity * OP_DTYPE.itemsize].view(OP_DTYPE),
-            ))
+            self._slots.append(_PlanSlot(r, lo))
         self._plan_status = SeqRegion(buf, lo.plan_status_off, 0, f"domain {self.name!r} plan status")
         self._daemon_info = SeqRegion(buf, lo.daemon_info_off, lay.DAEMON_INFO_SIZE,
                                       f"domain {self.name!r} daemon info")
@@ -366,7 +425,7 @@ class Domain:
             dom = cls(name, mm, layout, True, pid, start, now)
             dom._init_regions(p2l, epoch)
             dom._bell = Doorbell.create(name, doorbell_mode(mode), gid)
-            dom._write_header(mode)
+            dom._write_header()
             created = True
             return dom
         finally:
@@ -390,7 +449,7 @@ class Domain:
         for r in self._ring:
             r.write([-1, 0, 0, 0, 0])
 
-    def _write_header(self, mode: int) -> None:
+    def _write_header(self) -> None:
         h = {
             "magic": lay.MAGIC, "layout_version": lay.LAYOUT_VERSION, "header_size": lay.HEADER_SIZE,
             "owner_pid": self.owner_pid, "owner_start": self.owner_start, "created_ns": self.created_ns,
@@ -477,6 +536,9 @@ class Domain:
         # Drop every view first: an mmap with exported buffers cannot be closed.
         for attr in [a for a in vars(self) if a.startswith("_") and a not in ("_mm", "_bell")]:
             delattr(self, attr)
+        # The lock-free pollers skip _check_open for speed: give them words that
+        # fail their check, so they take the slow path, which reports "closed".
+        self._words = np.zeros(2, dtype="<u8")
         with contextlib.suppress(BufferError):
             mm.close()
 
@@ -554,6 +616,7 @@ class Domain:
         return np.ascontiguousarray(a, dtype="<i8")
 
     def _word(self, index: int, what: str) -> tuple[int, int]:
+        self._check_open()
         w = lay.decode_word(int(self._words[index]))
         if w is None:
             raise TornReadError(f"domain {self.name!r}: {what} word fails its check: corrupt")
@@ -675,11 +738,8 @@ class Domain:
             raise ValueError(f"plan id {pid} must be greater than the latest plan id {latest}")
         h = plan_hash(Plan(pid, base, a_p2l, a_l2p, a_rc, a_ptr, a_ops))
         target = 1 - current if latest >= 0 else 0
-        v = self._slot_views[target]
-        self._plan_slots[target].write(
-            [pid, base, h, SLOT_VALID, n],
-            [(v[0], a_p2l), (v[1], a_l2p), (v[2], a_rc), (v[3], a_ptr), (v[4][:n], a_ops)],
-        )
+        slot = self._slots[target]
+        slot.region.write([pid, base, h, SLOT_VALID, n], slot.write_parts((a_p2l, a_l2p, a_rc, a_ptr, a_ops)))
         self._words[lay.WORD_CURRENT_PLAN] = lay.encode_word(pid, target)
 
     def latest_plan_id(self) -> int:
@@ -698,20 +758,11 @@ class Domain:
             plan_id, current = self._word(lay.WORD_CURRENT_PLAN, "current plan")
             if plan_id == -1:
                 return None
-            v = self._slot_views[current]
-
-            def parts(f: np.ndarray, v: tuple[np.ndarray, ...] = v) -> list[np.ndarray] | None:
-                n = int(f[4])
-                if f[3] == SLOT_EMPTY:
-                    return []  # never published: the CRC covers the fields only
-                if not 0 <= n <= K:
-                    return None
-                return [v[0], v[1], v[2], v[3], v[4][:n]]
-
-            f, arrays = self._plan_slots[current].read(parts, self.read_budget_s)
+            slot = self._slots[current]
+            f, copies = slot.region.read(slot.read_parts, self.read_budget_s)
             if int(f[0]) != plan_id or int(f[3]) != SLOT_VALID:
                 continue  # two publishes since we read the word reused the slot: start over
-            p2l, l2p, rc, ptr, ops = arrays
+            p2l, l2p, rc, ptr, ops = slot.split(copies[0], int(f[4]))
             problem = _plan_bounds_problem(g, K, p2l, l2p, rc, ptr, ops)
             if problem:
                 raise LayoutError(

@@ -31,7 +31,7 @@ ring            after rank pids                      C slots of 64 + L*E*8 (seql
 ==============  ===================================  ===================================================
 
 Words: bits 0..45 hold id+1 (0: none), bit 46 a flag (the plan slot that is
-current), bits 48..63 a 16-bit check of bits 0..47. One aligned 8-byte store
+current), bit 47 zero, bits 48..63 a 16-bit check of bits 0..47. One aligned 8-byte store
 publishes (plan id, current slot) atomically, so there is no window in which
 they disagree and no lock that a killed writer could leave held; the check
 rejects a stray write or an all-zero page.

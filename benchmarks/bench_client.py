@@ -1,0 +1,284 @@
+"""Rank-client benchmark: forward-thread overhead, sync bytes, step time with a rebalance in flight.
+
+Run: ``.venv/bin/python benchmarks/bench_client.py [--json] [--quick]``
+
+1. **Overhead** (4 gloo ranks, no model): per step, the wall time of the L
+   ``record`` calls plus ``step()``, minus the collective calls themselves on
+   sync steps (``ClientStats.last_collective_ns``: the all-gather launch and
+   the wait for the previous one). Median and p99 over all steps (sync steps
+   included), and the sync steps alone. Two geometries: the test model's
+   (L=4, S=6) and DeepSeek-V3's layer count and total slots on 4 ranks
+   (L=58, E=256, S=72, P=288).
+2. **Bytes per sync** (computed, not measured): what each rank contributes to
+   and receives from the all-gather of ``[L*S counts | control words]`` int64,
+   against a ring all-reduce of logical loads [L, E] int64 (the ring moves
+   2(R-1)/R of the buffer per rank) and of physical counts [L, P].
+3. **Step time** (4 gloo ranks, the tiny EP MoE model with 1 MiB experts):
+   p50/p99 of rank 0's step (forward + record + step) while no plan is in
+   flight vs while one is, for the asynchronous client and the stop-the-world
+   mode. Plans (random placements, many moves) come from a driver thread of
+   this process standing in for the daemon.
+
+Figures depend on the machine; the report prints the CPU count and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplbd.geometry import Geometry
+from eplbd_client import ClientConfig, EplbClient
+from eplbd_client import control as C
+from eplbd_client.testing import PlanDriver, TinyMoE, launch
+
+
+def _cleanup(prefix: str) -> None:
+    for pattern in (prefix + "*", "sem." + prefix + "*"):
+        for p in Path("/dev/shm").glob(pattern):
+            with suppress(OSError):
+                p.unlink()
+
+
+class _NullHost:
+    """ExpertHost with tiny weights: the overhead run never moves experts."""
+
+    def __init__(self, g: Geometry) -> None:
+        self.g = g
+        self.w = [torch.zeros(g.slots_per_rank, 1) for _ in range(g.num_layers)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.g.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def expert_weights(self, layer: int) -> list[torch.Tensor]:
+        return [self.w[layer]]
+
+    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
+        pass
+
+
+def _overhead_rank(rank: int, world: int, g: Geometry, name: str, steps: int, k: int) -> dict[str, Any]:
+    host = _NullHost(g)
+    client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k))
+    counts = [torch.randint(0, 50, (g.slots_per_rank,)) for _ in range(g.num_layers)]
+    record = client.record
+    pc = time.perf_counter_ns
+    tt = time.thread_time_ns
+    wall = np.zeros(steps, dtype=np.int64)
+    cpu = np.zeros(steps, dtype=np.int64)
+    sync = np.zeros(steps, dtype=bool)
+    for i in range(steps):
+        t0, c0 = pc(), tt()
+        for layer in range(g.num_layers):
+            record(layer, counts[layer])
+        client.step()
+        t1, c1 = pc(), tt()
+        is_sync = (i + 1) % k == 0
+        coll = client.stats.last_collective_ns if is_sync else 0
+        wall[i] = t1 - t0 - coll
+        cpu[i] = c1 - c0 - (coll if is_sync else 0)  # the collective's call is on this thread too
+        sync[i] = is_sync
+        time.sleep(0.0002)  # stands in for the forward: lets the all-gather finish in between
+    client.close()
+    return {"wall": wall, "cpu": cpu, "sync": sync}
+
+
+def _pct(a: np.ndarray) -> dict[str, float]:
+    return {"p50_us": float(np.percentile(a, 50)) / 1e3, "p99_us": float(np.percentile(a, 99)) / 1e3}
+
+
+def bench_overhead(steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, g in (
+        ("tiny L=4 S=6", Geometry(4, 16, 4, 6)),
+        ("L=58 E=256 R=4 S=72", Geometry(58, 256, 4, 72)),
+    ):
+        prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
+        try:
+            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, timeout=300)
+        finally:
+            _cleanup(prefix)
+        wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
+        cpu = np.concatenate([r["cpu"][steps // 10 :] for r in res])
+        sync = np.concatenate([r["sync"][steps // 10 :] for r in res])
+        out[label] = {
+            "steps_per_rank": steps,
+            "sync_interval": 16,
+            "all_steps_wall": _pct(wall),
+            "all_steps_cpu": _pct(cpu),
+            "sync_steps_wall": _pct(wall[sync]),
+            "sync_steps_cpu": _pct(cpu[sync]),
+            "mean_per_step_wall_us": float(wall.mean()) / 1e3,
+        }
+    return out
+
+
+def bytes_per_sync(g: Geometry) -> dict[str, int]:
+    L, E, R, S, P = g.num_layers, g.num_experts, g.num_ranks, g.slots_per_rank, g.num_slots
+    row = (L * S + C.NUM_WORDS) * 8
+    ring = 2 * (R - 1) / R
+    return {
+        "allgather_sent_per_rank": row,
+        "allgather_received_per_rank": row * (R - 1),
+        "allgather_result_bytes": row * R,
+        "allreduce_LxE_buffer": L * E * 8,
+        "allreduce_LxE_ring_traffic_per_rank": int(ring * L * E * 8),
+        "allreduce_LxP_buffer": L * P * 8,
+        "allreduce_LxP_ring_traffic_per_rank": int(ring * L * P * 8),
+    }
+
+
+def _steptime_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    g = spec["g"]
+    model = TinyMoE(g, rank, hidden=spec["hidden"], ffn=spec["ffn"], tokens=spec["tokens"], seed=3)
+    cfg = ClientConfig(sync_interval=spec["k"], mode=spec["mode"], max_staged_experts=spec["staged"])
+    client = EplbClient(model, g, spec["name"], config=cfg)
+    n = spec["steps"]
+    dt = np.zeros(n, dtype=np.int64)
+    inflight = np.zeros(n, dtype=bool)
+    for i in range(n):
+        started = client.stats.plans_started
+        active = client.active_plan >= 0
+        t0 = time.perf_counter_ns()
+        model.forward(i, client.record)
+        client.step()
+        dt[i] = time.perf_counter_ns() - t0
+        inflight[i] = active or client.active_plan >= 0 or client.stats.plans_started != started
+    ok = model.weight_mismatches() == []
+    stats = dict(vars(client.stats))
+    client.close()
+    return {
+        "dt": dt,
+        "inflight": inflight,
+        "ok": ok,
+        "committed": stats["plans_committed"],
+        "aborted": stats["plans_aborted"],
+        "stw_seconds": stats["stw_seconds"],
+    }
+
+
+def bench_steptime(steps: int) -> dict[str, Any]:
+    g = Geometry(4, 16, 4, 6)
+    out: dict[str, Any] = {"expert_bytes": 2 * 256 * 512 * 4, "tokens": 256, "sync_interval": 4}
+    for mode in ("async", "stw"):
+        prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
+        name = prefix + "step"
+        spec = {
+            "g": g,
+            "hidden": 256,
+            "ffn": 512,
+            "tokens": 256,
+            "k": 4,
+            "mode": mode,
+            "staged": 24,
+            "name": name,
+            "steps": steps,
+        }
+        driver = PlanDriver(
+            name,
+            g,
+            plans=10_000,
+            source="random",
+            gap_windows=3,
+            seed=1,
+            first_window=steps // 8,
+            timeout=600,
+        )
+        th: list[threading.Thread] = []
+
+        def started(driver: PlanDriver = driver) -> None:
+            t = threading.Thread(target=driver.run, daemon=True)
+            t.start()
+            th.append(t)
+
+        try:
+            res = launch(_steptime_rank, 4, spec, timeout=600, on_started=started)
+        finally:
+            driver.stop()
+            for t in th:
+                t.join(5)
+            _cleanup(prefix)
+        r0 = res[0]
+        warm = 10
+        dt, fl = r0["dt"][warm:], r0["inflight"][warm:]
+        out[mode] = {
+            "no_plan": {**_pct(dt[~fl]), "steps": int((~fl).sum())},
+            "plan_in_flight": {**_pct(dt[fl]), "steps": int(fl.sum())} if fl.any() else None,
+            "max_step_us": float(dt.max()) / 1e3,
+            "plans_committed": r0["committed"],
+            "plans_aborted": r0["aborted"],
+            "weights_exact_all_ranks": all(r["ok"] for r in res),
+            "stw_forward_seconds": r0["stw_seconds"],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="fewer steps")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    n_ovh, n_step = (800, 160) if args.quick else (4000, 400)
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__},
+        "overhead_record_plus_step": bench_overhead(n_ovh),
+        "bytes_per_sync": {
+            "deepseek_v3 (L=58 E=256 R=32 S=9)": bytes_per_sync(Geometry.deepseek_v3()),
+            "test model (L=4 E=16 R=4 S=6)": bytes_per_sync(Geometry(4, 16, 4, 6)),
+        },
+        "step_time": bench_steptime(n_step),
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        m = report["machine"]
+        print(f"machine: {m['cpus']} CPUs, load {m['loadavg_1m']:.1f}, torch {m['torch']}")
+        print("forward-thread overhead of record (L calls) + step(), excluding the collective (µs):")
+        for label, v in report["overhead_record_plus_step"].items():
+            a, s = v["all_steps_wall"], v["sync_steps_wall"]
+            ac = v["all_steps_cpu"]
+            print(
+                f"  {label:24s} all steps wall p50 {a['p50_us']:.1f} p99 {a['p99_us']:.1f} | cpu p50 "
+                f"{ac['p50_us']:.1f} p99 {ac['p99_us']:.1f} | sync steps wall p50 {s['p50_us']:.1f} "
+                f"p99 {s['p99_us']:.1f}"
+            )
+        print("bytes per sync per rank (computed):")
+        for label, v in report["bytes_per_sync"].items():
+            print(
+                f"  {label}: all-gather sends {v['allgather_sent_per_rank']} B, receives "
+                f"{v['allgather_received_per_rank']} B; all-reduce [L,E] ring moves "
+                f"{v['allreduce_LxE_ring_traffic_per_rank']} B; [L,P] {v['allreduce_LxP_ring_traffic_per_rank']} B"
+            )
+        print("step time, rank 0 (ms):")
+        st = report["step_time"]
+        for mode in ("async", "stw"):
+            v = st[mode]
+            a, b = v["no_plan"], v["plan_in_flight"]
+            line = f"  {mode:5s} no plan p50 {a['p50_us'] / 1e3:.2f} p99 {a['p99_us'] / 1e3:.2f} ({a['steps']} steps)"
+            if b:
+                line += f" | plan in flight p50 {b['p50_us'] / 1e3:.2f} p99 {b['p99_us'] / 1e3:.2f} ({b['steps']} steps)"
+            line += f" | max {v['max_step_us'] / 1e3:.1f} | plans {v['plans_committed']} exact {v['weights_exact_all_ranks']}"
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

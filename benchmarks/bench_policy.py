@@ -1,0 +1,176 @@
+"""Placement-policy benchmark: greedy (DeepSeek-style) vs moveaware, held-out replay and speed.
+
+    .venv/bin/python benchmarks/bench_policy.py [TRACE.npy ...] [--json] [--quick]
+
+1. **Held-out replay** (``eplbd.replay.replay``: window t is served by the plan
+   made from the windows before it) on the DeepSeek-V3 shape with the
+   synthetic drifting trace (``eplbd.synthetic.DEEPSEEK_LIKE``), and on every
+   trace given (e.g. /work/shared/traces/*/loads.npy; nothing is copied). For
+   a trace with E experts the geometry is chosen like DeepSeek-V3's (~12.5%
+   redundant slots): R = 8 ranks for E <= 64, 16 for E = 128, 32 for E >= 256,
+   S = ceil(E / R) + max(1, ceil(E / R / 8)), 2 nodes when R >= 8, 1 group.
+   Plans every 10 windows from the last 10 (traces with < 40 windows: every 5
+   from 5; whole-workload traces with <= 6 windows: every window from the
+   previous one). Traces with a single window are skipped (nothing held out).
+2. **Speed** on the DeepSeek-V3 shape, one core (thread pools pinned to 1):
+   median wall time of one ``rebalance`` call for all 58 layers, steady state
+   (moveaware: from its own previous placement; greedy: from scratch), and of
+   the same code called layer by layer in a Python loop (the speed-up figure).
+
+Columns: held-out β (mean over windows of Σ_l mean/Σ_l max rank load), the
+static (engine default placement) β, remote moves per plan at steady state
+and in the first plan, policy ms per plan (median), and ``gap``: mean over
+windows of Σ_l peak_l / Σ_l bound_l - 1 where bound_l =
+max(mean rank load, min over replica counts of the largest per-replica load)
+of that very window (:func:`eplbd.placement.peak_lower_bound`): how far the
+held-out peak is above what any placement, even one fitted in hindsight, must
+carry.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from eplbd.forecast import forecast  # noqa: E402
+from eplbd.geometry import Geometry  # noqa: E402
+from eplbd.placement import default_phy2log  # noqa: E402
+from eplbd.policy import rebalance  # noqa: E402
+from eplbd.replay import replay, validate_trace  # noqa: E402
+from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace  # noqa: E402
+
+POLICIES = ("greedy", "moveaware")
+
+
+def geometry_for(L: int, E: int) -> Geometry:
+    R = 8 if E <= 64 else 16 if E <= 128 else 32
+    R = min(R, E)
+    S = math.ceil(E / R) + max(1, math.ceil(E / R / 8))
+    S = min(S, E)
+    return Geometry(L, E, R, S, num_nodes=2 if R >= 8 else 1)
+
+
+def cadence(T: int) -> tuple[int, int]:
+    if T <= 6:
+        return 1, 1
+    if T < 40:
+        return 5, 5
+    return 10, 10
+
+
+def run_replays(
+    name: str, trace: np.ndarray, g: Geometry, interval: int, history: int, fc: str
+) -> list[dict]:
+    rows = []
+    for pol in POLICIES:
+        s = replay(trace, g, pol, interval, history, fc).summary()
+        s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
+                 f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
+        rows.append(s)
+    return rows
+
+
+def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int) -> dict:
+    tr = drifting_trace(40, g.num_layers, g.num_experts, 0, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
+    out: dict = {"geometry": g.to_dict(), "repeats": repeats}
+    for pol in POLICIES:
+        cur = default_phy2log(g)
+        for t in (10, 20):  # reach a steady state
+            cur = rebalance(forecast(tr[t - 10 : t], fc), cur, g, pol)
+        w = forecast(tr[20:30], fc)
+        ts, cpu = [], []
+        for _ in range(repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            rebalance(w, cur, g, pol)
+            ts.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        g1 = Geometry(1, g.num_experts, g.num_ranks, g.slots_per_rank, num_nodes=g.num_nodes,
+                      num_groups=g.num_groups)  # fmt: skip
+        tl = []
+        for _ in range(loop_repeats):
+            t0 = time.perf_counter()
+            for layer in range(g.num_layers):
+                rebalance(w[layer : layer + 1], cur[layer : layer + 1], g1, pol)
+            tl.append(time.perf_counter() - t0)
+        vec, loop = float(np.median(ts)) * 1e3, float(np.median(tl)) * 1e3
+        out[pol] = {"ms_median": vec, "ms_min": float(np.min(ts)) * 1e3,
+                    "cpu_ms_median": float(np.median(cpu)) * 1e3, "per_layer_loop_ms_median": loop,
+                    "speedup": loop / vec}  # fmt: skip
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    hdr = ("trace", "geometry", "T", "I/W", "policy", "beta", "static", "steady mv", "first mv", "ms", "gap")
+    lines = []
+    for r in rows:
+        cad = f"{r['interval']}/{r['history']}"
+        lines.append((r["trace"], r["geometry"], str(r["windows"]), cad, r["policy"],
+                      f"{r['beta_mean']:.3f}", f"{r['beta_static']:.3f}",
+                      f"{r['moves_remote_steady_per_plan']:.0f}", str(r["moves_remote_first"]),
+                      f"{r['plan_ms_median']:.2f}", f"{r['peak_gap']:.3f}"))  # fmt: skip
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(hdr)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    head = [fmt.format(*hdr), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(head + [fmt.format(*x) for x in lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("traces", nargs="*", help="trace files loads.npy [T, L, E]")
+    ap.add_argument("--windows", type=int, default=200, help="synthetic trace windows (default 200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--forecast", default="ema", help="forecast method for both policies (default ema)")
+    ap.add_argument("--repeats", type=int, default=30, help="speed: timed calls per policy")
+    ap.add_argument("--quick", action="store_true", help="60 synthetic windows, 5 timed calls")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.windows, args.repeats = 60, 5
+    g = Geometry.deepseek_v3()
+    synth = drifting_trace(args.windows, g.num_layers, g.num_experts, args.seed, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
+    rows = run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast)
+    skipped = []
+    for path in args.traces:
+        tr = validate_trace(np.load(path, allow_pickle=False), path)
+        name = Path(path).parent.name or Path(path).stem
+        T, L, E = tr.shape
+        if T < 2:
+            skipped.append(f"{name}: T={T}, nothing to hold out")
+            continue
+        interval, history = cadence(T)
+        rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast)
+    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10))
+    if args.json:
+        print(json.dumps({"replay": rows, "speed": sp, "skipped": skipped}, indent=2))
+        return 0
+    print(table(rows))
+    for s in skipped:
+        print("skipped:", s)
+    print("\nspeed, DeepSeek-V3 shape (58 layers), one core:")
+    for pol in POLICIES:
+        x = sp[pol]
+        print(f"  {pol:<10} {x['ms_median']:.2f} ms median (min {x['ms_min']:.2f}, CPU time median "
+              f"{x['cpu_ms_median']:.2f}); per-layer Python loop {x['per_layer_loop_ms_median']:.1f} ms "
+              f"-> {x['speedup']:.1f}x")  # fmt: skip
+    by = {(r["trace"], r["policy"]): r for r in rows}
+    print("\nmoveaware vs greedy (steady remote moves ratio, beta difference):")
+    for tname in dict.fromkeys(r["trace"] for r in rows):
+        a, b = by[(tname, "moveaware")], by[(tname, "greedy")]
+        ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
+        print(f"  {tname:<42} moves {ratio:6.1%}  beta {a['beta_mean'] - b['beta_mean']:+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
