@@ -36,7 +36,7 @@ import numpy as np
 from eplbd.forecast import DEFAULT_METHOD, METHODS, forecast
 from eplbd.geometry import Geometry
 from eplbd.placement import count_moves, default_phy2log, peak_lower_bound, rank_loads
-from eplbd.policy import DEFAULT_POLICY, POLICIES, rebalance
+from eplbd.policy import DEFAULT_POLICY, POLICIES, rebalance, suggest_slack
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace
 
 __all__ = ["TraceError", "ReplayResult", "validate_trace", "replay", "configure_parser", "run_cli"]
@@ -133,8 +133,14 @@ def replay(
     history: int = 10,
     forecast_method: str = DEFAULT_METHOD,
     options: dict[str, Any] | None = None,
+    adaptive: bool = True,
 ) -> ReplayResult:
-    """Replay ``trace`` [T, L, E] on geometry ``g`` (L, E must match); see the module docstring."""
+    """Replay ``trace`` [T, L, E] on geometry ``g`` (L, E must match); see the module docstring.
+
+    With ``adaptive`` (default) and policy moveaware, each plan's ``slack`` comes
+    from :func:`eplbd.policy.suggest_slack` on its history windows, unless
+    ``options`` sets it.
+    """
     a = validate_trace(trace)
     T, L, E = a.shape
     if (g.num_layers, g.num_experts) != (L, E):
@@ -155,7 +161,10 @@ def replay(
             t0 = time.perf_counter()
             f = forecast(a[max(0, t - history) : t], forecast_method)
             t1 = time.perf_counter()
-            new = rebalance(f, cur, g, policy, **opts)
+            o = opts
+            if adaptive and policy == "moveaware" and "slack" not in opts:
+                o = {**opts, "slack": suggest_slack(a[max(0, t - history) : t], cur, g)}
+            new = rebalance(f, cur, g, policy, **o)
             t2 = time.perf_counter()
             mv = count_moves(cur, new, g)
             res.plan_windows.append(t)
@@ -217,6 +226,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forecast", default=DEFAULT_METHOD, choices=list(METHODS), help="forecast method")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option min_gain=0.02")  # fmt: skip
+    p.add_argument("--fixed-slack", action="store_true",
+                   help="moveaware: the policy's default slack, not one fitted to the history")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw β and moves over time (needs matplotlib)")
 
@@ -273,7 +284,8 @@ def _table(s: dict[str, Any]) -> str:
 def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
-        res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option))
+        res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
+                     adaptive=not args.fixed_slack)  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options
         print(f"eplbd replay: error: {e}", file=sys.stderr)
         return 2

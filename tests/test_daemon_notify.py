@@ -108,16 +108,16 @@ def test_daemon_ready_watchdog_status_stopping(tmp_path: Path, prefix: str) -> N
     path = str(tmp_path / "notify.sock")
     lst = Listener(path)
     try:
-        d = _run_daemon(tmp_path, prefix, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        d = _run_daemon(tmp_path, prefix, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         try:
             wait_for(lambda: lst.has("READY", "1"), timeout=10, what="READY=1")
             assert any("STATUS" in m for m in lst.drain())
             time.sleep(1.0)
             pings = lst.times("WATCHDOG")
-            # Every 0.1 s (half of 0.2 s): about 10 in a second; allow a loaded machine.
-            assert len(pings) >= 5, pings
+            # Every 0.2 s (half of 0.4 s): about 5 in a second; allow a loaded machine.
+            assert len(pings) >= 3, pings
             gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
-            assert max(gaps) < 0.2, gaps  # never let the 0.2 s watchdog expire
+            assert max(gaps) < 0.4, gaps  # never let the 0.4 s watchdog expire
         finally:
             assert d.stop(signal.SIGTERM) == 0
         assert lst.has("STOPPING", "1")

@@ -271,3 +271,19 @@ def test_moveaware_from_current_reaches_scratch_balance() -> None:
     loose = rebalance(w, cur, g)
     assert balancedness(w, loose, g) >= 1 / 1.06 - 0.01
     assert count_moves(cur, loose, g).remote <= count_moves(cur, tight, g).remote
+
+
+def test_suggest_slack_follows_predictability() -> None:
+    from eplbd.policy import MOVEAWARE_DEFAULTS, suggest_slack
+
+    g = Geometry(4, 64, 16, 5, num_nodes=2)
+    rng = np.random.default_rng(3)
+    p = rng.lognormal(0, 1.0, (4, 64))
+    p /= p.sum(axis=1, keepdims=True)
+    cur = rebalance(p, None, g)
+    steady = np.stack([rng.multinomial(1_000_000, p) for _ in range(10)])
+    drifting = drifting_trace(10, 4, 64, seed=3, drift_windows=2, drift_scale=1.0)
+    s_steady, s_drift = suggest_slack(steady, cur, g), suggest_slack(drifting, cur, g)
+    assert 0.005 <= s_steady < 0.02 < s_drift <= 0.08
+    assert suggest_slack(steady[:1], cur, g) == MOVEAWARE_DEFAULTS["slack"]
+    assert suggest_slack(np.zeros((4, 4, 64)), cur, g) == MOVEAWARE_DEFAULTS["slack"]

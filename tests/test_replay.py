@@ -65,6 +65,14 @@ def test_table_and_plot(trace_file: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_synthetic_small(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ("--synthetic", "--windows", "30", "--layers", "2", "--experts", "32",
+            "--ranks", "8", "--nodes", "2", "--slots-per-rank", "5", "--json")  # fmt: skip
+    rc, out, err = run(capsys, *base, "--fixed-slack")
+    assert rc == 0, err
+    fixed = json.loads(out)
+    rc, out, err = run(capsys, *base, "--option", "slack=0.06")
+    assert rc == 0, err
+    assert json.loads(out)["beta_mean"] == fixed["beta_mean"]  # the default slack is 0.06
     rc, out, err = run(capsys, "--synthetic", "--windows", "30", "--layers", "2", "--experts", "32",
                        "--ranks", "8", "--nodes", "2", "--slots-per-rank", "5", "--json")  # fmt: skip
     assert rc == 0, err
