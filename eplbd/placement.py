@@ -89,7 +89,8 @@ def validate_phy2log(phy2log: np.ndarray, g: Geometry, name: str = "phy2log") ->
     if a.size and (a.min() < 0 or a.max() >= g.num_experts):
         bad = np.argwhere((a < 0) | (a >= g.num_experts))[0]
         raise PlacementError(
-            f"{name}: layer {bad[0]} slot {bad[1]} holds expert {a[bad[0], bad[1]]}, outside [0, {g.num_experts})"
+            f"{name}: layer {bad[0]} slot {bad[1]} holds expert {a[bad[0], bad[1]]}, "
+            f"outside [0, {g.num_experts})"
         )
     a = np.ascontiguousarray(a, dtype=np.int32)
     rc = replica_count(a, g)

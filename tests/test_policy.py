@@ -274,7 +274,7 @@ def test_moveaware_from_current_reaches_scratch_balance() -> None:
 
 
 def test_suggest_slack_follows_predictability() -> None:
-    from eplbd.policy import MOVEAWARE_DEFAULTS, suggest_slack
+    from eplbd.policy import NO_ESTIMATE_SLACK, suggest_slack
 
     g = Geometry(4, 64, 16, 5, num_nodes=2)
     rng = np.random.default_rng(3)
@@ -285,5 +285,5 @@ def test_suggest_slack_follows_predictability() -> None:
     drifting = drifting_trace(10, 4, 64, seed=3, drift_windows=2, drift_scale=1.0)
     s_steady, s_drift = suggest_slack(steady, cur, g), suggest_slack(drifting, cur, g)
     assert 0.005 <= s_steady < 0.02 < s_drift <= 0.08
-    assert suggest_slack(steady[:1], cur, g) == MOVEAWARE_DEFAULTS["slack"]
-    assert suggest_slack(np.zeros((4, 4, 64)), cur, g) == MOVEAWARE_DEFAULTS["slack"]
+    assert suggest_slack(steady[:1], cur, g) == NO_ESTIMATE_SLACK
+    assert suggest_slack(np.zeros((4, 4, 64)), cur, g) == NO_ESTIMATE_SLACK

@@ -67,7 +67,7 @@ __all__ = [
     W_ABORT_REQ,
 ) = range(12)
 NUM_WORDS = 12
-REPLICATED = (W_SYNC, W_EPOCH, W_ACTIVE, W_COMMITTED, W_CONFIG)
+REPLICATED = (W_SYNC, W_EPOCH, W_ACTIVE, W_COMMITTED, W_CONFIG)  # must stay words 0..4
 
 # Candidate status values (below 16) and error codes (16 and up; also written to
 # PlanStatus.error by the node leader).
@@ -142,15 +142,16 @@ class Decision(NamedTuple):
 
 def check_replicated(words: np.ndarray) -> None:
     """Raise AgreementError if the replicated words differ between ranks. words: [R, NUM_WORDS]."""
-    rep = words[:, REPLICATED]
+    rep = words[:, : len(REPLICATED)]  # the replicated words come first: a view, no copy
+    if (rep == rep[0]).all():
+        return
     bad = (rep != rep[0]).any(axis=0)
-    if bad.any():
-        names = ("sync", "epoch", "active", "committed", "config")
-        which = [names[i] for i in np.flatnonzero(bad)]
-        raise AgreementError(
-            f"ranks disagree on replicated state {which}: "
-            + "; ".join(f"{n}={rep[:, i].tolist()}" for i, n in enumerate(names) if bad[i])
-        )
+    names = ("sync", "epoch", "active", "committed", "config")
+    which = [names[i] for i in np.flatnonzero(bad)]
+    raise AgreementError(
+        f"ranks disagree on replicated state {which}: "
+        + "; ".join(f"{n}={rep[:, i].tolist()}" for i, n in enumerate(names) if bad[i])
+    )
 
 
 def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
@@ -178,10 +179,11 @@ def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
             return Decision(ABORT, st.active_id, error=ERR_TIMEOUT)
         return Decision(NONE)
 
-    ids = words[:, W_CAND_ID]
-    x = int(ids[0])
-    if x <= st.last_decided_id or (ids != x).any():
-        return Decision(NONE)  # nothing new, or not every rank has read the same plan yet
+    x = int(words[0, W_CAND_ID])
+    if x <= st.last_decided_id:
+        return Decision(NONE)  # the common case: nothing new (one scalar read)
+    if (words[:, W_CAND_ID] != x).any():
+        return Decision(NONE)  # not every rank has read the same plan yet
     status = words[:, W_CAND_STATUS]
     errs = status[status >= 16]
     if errs.size:

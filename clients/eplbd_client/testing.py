@@ -147,9 +147,17 @@ class TinyMoE:
                 record(l, counts)
             self.rank_tokens[l] += int(s.numel())
             self.logical_tokens[l] += np.bincount(ex.reshape(-1).cpu().numpy(), minlength=self.g.num_experts)
-            hid = torch.relu(torch.bmm(x0[t].unsqueeze(1), self.w1[l][s]))
-            out = torch.bmm(hid, self.w2[l][s]).squeeze(1) * wt[mine][:, None]
-            ys[l].index_add_(0, t, out)
+            w = wt[mine]
+            # One matmul pair per local slot (not a weight gather per token: experts can be MiBs).
+            order = torch.argsort(s, stable=True)
+            bounds = [0, *torch.cumsum(counts, 0).tolist()]
+            for j in range(S):
+                if bounds[j + 1] == bounds[j]:
+                    continue
+                sel = order[bounds[j] : bounds[j + 1]]
+                ts = t[sel]
+                out = torch.relu(x0[ts] @ self.w1[l][j]) @ self.w2[l][j] * w[sel][:, None]
+                ys[l].index_add_(0, ts, out)
         if self.distributed:
             dist.all_reduce(ys, group=self.group)
         return x0 + ys.sum(0)
@@ -163,9 +171,12 @@ class TinyMoE:
         for l in range(self.g.num_layers):
             ex, wt = self.route(l, step, x0)
             e = ex.reshape(-1)
-            hid = torch.relu(torch.bmm(x0[tok].unsqueeze(1), self.W1[l, e]))
-            out = torch.bmm(hid, self.W2[l, e]).squeeze(1) * wt.reshape(-1)[:, None]
-            ys[l].index_add_(0, tok, out)
+            w = wt.reshape(-1)
+            for x in torch.unique(e).tolist():
+                sel = torch.nonzero(e == x).squeeze(1)
+                ts = tok[sel]
+                out = torch.relu(x0[ts] @ self.W1[l, x]) @ self.W2[l, x] * w[sel][:, None]
+                ys[l].index_add_(0, ts, out)
         return x0 + ys.sum(0)
 
     def rank_loads(self, step: int, phy2log: np.ndarray) -> np.ndarray:

@@ -33,9 +33,19 @@ from eplbd.policy.greedy import greedy
 from eplbd.policy.moveaware import DEFAULTS as MOVEAWARE_DEFAULTS
 from eplbd.policy.moveaware import moveaware
 
-__all__ = ["POLICIES", "DEFAULT_POLICY", "rebalance", "suggest_slack", "MOVEAWARE_DEFAULTS"]
+__all__ = [
+    "POLICIES",
+    "DEFAULT_POLICY",
+    "rebalance",
+    "suggest_slack",
+    "MOVEAWARE_DEFAULTS",
+    "NO_ESTIMATE_SLACK",
+]
 
 DEFAULT_POLICY = "moveaware"
+
+#: slack :func:`suggest_slack` returns when the history cannot tell the forecast error.
+NO_ESTIMATE_SLACK = 0.02
 
 
 def _greedy(loads: np.ndarray, current: np.ndarray | None, g: Geometry, **options: Any) -> np.ndarray:
@@ -87,14 +97,15 @@ def suggest_slack(windows: np.ndarray, current: np.ndarray, geometry: Geometry) 
     mean; ``err`` = mean over layers of the largest rank deviation. Returns
     ``clip(0.45 * err, 0.005, 0.08)`` (0.45 calibrated so that the DeepSeek-like
     synthetic trace, err ~0.13, gets the default 0.06; steady real traces,
-    err 0.015-0.06, get 0.007-0.027), or the default with fewer than 2 windows.
+    err 0.015-0.06, get 0.007-0.027). With fewer than 2 windows (or no load)
+    there is no estimate: :data:`NO_ESTIMATE_SLACK` (0.02), leaning to balance.
     """
     from eplbd.forecast import forecast
     from eplbd.placement import rank_loads
 
     win = np.asarray(windows, dtype=np.float64)
     if win.ndim != 3 or win.shape[0] < 2:
-        return float(MOVEAWARE_DEFAULTS["slack"])
+        return NO_ESTIMATE_SLACK
     h = max(1, win.shape[0] // 2)
     cur = validate_phy2log(current, geometry, name="current")
     f = rank_loads(forecast(win[:-h], "ema"), cur, geometry)
@@ -102,6 +113,6 @@ def suggest_slack(windows: np.ndarray, current: np.ndarray, geometry: Geometry) 
     fm, am = f.mean(axis=1, keepdims=True), a.mean(axis=1, keepdims=True)
     live = (fm[:, 0] > 0) & (am[:, 0] > 0)
     if not live.any():
-        return float(MOVEAWARE_DEFAULTS["slack"])
+        return NO_ESTIMATE_SLACK
     dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
     return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))

@@ -24,6 +24,8 @@ __all__ = [
     "local_search",
     "replica_search",
     "bfd_place",
+    "adjust_counts",
+    "align_to",
 ]
 
 
@@ -489,3 +491,42 @@ def adjust_counts(
     out = c0.astype(np.int64, copy=True)
     np.put_along_axis(out, cols, c, axis=1)
     return out
+
+
+def align_to(new: np.ndarray, old: np.ndarray, slots_per_rank: int) -> np.ndarray:
+    """Relabel the ranks of ``new`` [B, P] and order each rank's slots to keep as much of ``old`` as possible.
+
+    Rank loads do not depend on which rank is called what, so a from-scratch
+    placement may be permuted freely: new ranks are matched to old ranks
+    greedily by how many experts they share (largest overlap first, ties: lowest
+    ids), then within a rank every expert already there keeps its slot and the
+    others take the remaining slots in order. Returns [B, P] int32.
+    """
+    S = slots_per_rank
+    B, P = new.shape
+    R = P // S
+    nw = new.reshape(B, R, S)
+    od = old.reshape(B, R, S)
+    # overlap[b, i, j] = experts rank i of new shares with rank j of old
+    ov = (nw[:, :, None, :, None] == od[:, None, :, None, :]).any(axis=4).sum(axis=3)
+    ov = ov.astype(np.float64)
+    perm = np.empty((B, R), dtype=np.int64)  # perm[b, j] = new rank placed on old rank j
+    ar = np.arange(B)
+    for _ in range(R):
+        flat = np.argmax(ov.reshape(B, R * R), axis=1)
+        i, j = np.divmod(flat, R)
+        perm[ar, j] = i
+        ov[ar, i, :] = -1.0
+        ov[ar, :, j] = -1.0
+    bp = np.take_along_axis(nw, perm[:, :, None], axis=1)  # [B, R, S] new sets on old ranks
+    keep = (od[:, :, :, None] == bp[:, :, None, :]).any(axis=3)  # old slot's expert stays
+    fresh = ~(bp[:, :, :, None] == od[:, :, None, :]).any(axis=3)  # new expert not there yet
+    slots = np.argsort(keep, axis=2, kind="stable")  # free slots first
+    src = np.argsort(~fresh, axis=2, kind="stable")  # fresh experts first
+    vals = np.take_along_axis(bp, src, axis=2)
+    nfree = (~keep).sum(axis=2, keepdims=True)
+    k = np.arange(S)[None, None, :]
+    out = od.copy()
+    cur_vals = np.take_along_axis(out, slots, axis=2)
+    np.put_along_axis(out, slots, np.where(k < nfree, vals, cur_vals), axis=2)
+    return out.reshape(B, P).astype(np.int32)

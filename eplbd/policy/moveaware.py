@@ -47,6 +47,7 @@ from eplbd.geometry import Geometry
 from eplbd.placement import peak_lower_bound
 from eplbd.policy._common import (
     adjust_counts,
+    align_to,
     bfd_place,
     local_search,
     node_holds,
@@ -234,6 +235,21 @@ def moveaware(
     new = _incremental(w[rows], cur[rows], tgt, g, partners, node_penalty)
     wr, mr = w[rows], mean[rows]
     _improve(new, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=(1 + slack) * mr)
+    # Where local repair got stuck above its target, a from-scratch placement
+    # relabelled onto the current ranks (so that what can stay, stays) may do
+    # much better; take it where it lowers the peak by > 1%.
+    pk_a = rank_loads_of(wr, new, E, S).max(axis=1)
+    stuck = np.nonzero(pk_a > np.maximum(lb[rows], (1 + slack) * mr) * 1.005)[0]
+    if stuck.size:
+        ws = wr[stuck]
+        alt = np.full((stuck.size, P), -1, dtype=np.int64)
+        _fill(alt, ws, counts[rows][stuck], counts[rows][stuck], g, None, 0.0)
+        alt = alt.astype(np.int32)
+        repair_duplicates(alt, ws, E, S)
+        _improve(alt, ws, E, S, scratch_rounds // 4, R, 1e-9 * mr[stuck], 0, above=(1 + slack) * mr[stuck])
+        alt = align_to(alt, cur[rows][stuck], S)
+        better = rank_loads_of(ws, alt, E, S).max(axis=1) < pk_a[stuck] * 0.99
+        new[stuck[better]] = alt[better]
     # Gain gate against the placement in force.
     pk_new = rank_loads_of(wr, new, E, S).max(axis=1)
     gain = mr / _safe(pk_new) - mr / _safe(pk_cur[rows])
