@@ -73,11 +73,15 @@ class _NullHost:
         pass
 
 
-def _overhead_rank(rank: int, world: int, g: Geometry, name: str, steps: int, k: int) -> dict[str, Any]:
+def _overhead_rank(
+    rank: int, world: int, g: Geometry, name: str, steps: int, k: int, all_at_once: bool
+) -> dict[str, Any]:
     host = _NullHost(g)
     client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k))
     counts = [torch.randint(0, 50, (g.slots_per_rank,)) for _ in range(g.num_layers)]
+    stacked = torch.stack(counts)
     record = client.record
+    record_all = client.recorder.record_all
     pc = time.perf_counter_ns
     tt = time.thread_time_ns
     wall = np.zeros(steps, dtype=np.int64)
@@ -85,8 +89,11 @@ def _overhead_rank(rank: int, world: int, g: Geometry, name: str, steps: int, k:
     sync = np.zeros(steps, dtype=bool)
     for i in range(steps):
         t0, c0 = pc(), tt()
-        for layer in range(g.num_layers):
-            record(layer, counts[layer])
+        if all_at_once:
+            record_all(stacked)  # engines that count all layers in one tensor
+        else:
+            for layer in range(g.num_layers):
+                record(layer, counts[layer])
         client.step()
         t1, c1 = pc(), tt()
         is_sync = (i + 1) % k == 0
@@ -105,13 +112,14 @@ def _pct(a: np.ndarray) -> dict[str, float]:
 
 def bench_overhead(steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for label, g in (
-        ("tiny L=4 S=6", Geometry(4, 16, 4, 6)),
-        ("L=58 E=256 R=4 S=72", Geometry(58, 256, 4, 72)),
+    for label, g, at_once in (
+        ("L=4 S=6, record per layer", Geometry(4, 16, 4, 6), False),
+        ("L=58 S=72, record per layer", Geometry(58, 256, 4, 72), False),
+        ("L=58 S=72, record_all", Geometry(58, 256, 4, 72), True),
     ):
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
         try:
-            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, timeout=300)
+            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, at_once, timeout=300)
         finally:
             _cleanup(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
@@ -202,7 +210,7 @@ def bench_steptime(steps: int) -> dict[str, Any]:
         )
         th: list[threading.Thread] = []
 
-        def started(driver: PlanDriver = driver) -> None:
+        def started(driver: PlanDriver = driver, th: list[threading.Thread] = th) -> None:
             t = threading.Thread(target=driver.run, daemon=True)
             t.start()
             th.append(t)
@@ -227,6 +235,10 @@ def bench_steptime(steps: int) -> dict[str, Any]:
             "stw_forward_seconds": r0["stw_seconds"],
         }
     return out
+
+
+def _ms(us: float) -> str:
+    return f"{us / 1e3:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,19 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         for label, v in report["bytes_per_sync"].items():
             print(
                 f"  {label}: all-gather sends {v['allgather_sent_per_rank']} B, receives "
-                f"{v['allgather_received_per_rank']} B; all-reduce [L,E] ring moves "
-                f"{v['allreduce_LxE_ring_traffic_per_rank']} B; [L,P] {v['allreduce_LxP_ring_traffic_per_rank']} B"
+                f"{v['allgather_received_per_rank']} B; ring all-reduce moves "
+                f"{v['allreduce_LxE_ring_traffic_per_rank']} B for [L,E], "
+                f"{v['allreduce_LxP_ring_traffic_per_rank']} B for [L,P]"
             )
         print("step time, rank 0 (ms):")
         st = report["step_time"]
         for mode in ("async", "stw"):
             v = st[mode]
             a, b = v["no_plan"], v["plan_in_flight"]
-            line = f"  {mode:5s} no plan p50 {a['p50_us'] / 1e3:.2f} p99 {a['p99_us'] / 1e3:.2f} ({a['steps']} steps)"
+            line = f"  {mode:5s} no plan p50 {_ms(a['p50_us'])} p99 {_ms(a['p99_us'])} ({a['steps']} steps)"
             if b:
-                line += f" | plan in flight p50 {b['p50_us'] / 1e3:.2f} p99 {b['p99_us'] / 1e3:.2f} ({b['steps']} steps)"
-            line += f" | max {v['max_step_us'] / 1e3:.1f} | plans {v['plans_committed']} exact {v['weights_exact_all_ranks']}"
-            print(line)
+                line += f" | in flight p50 {_ms(b['p50_us'])} p99 {_ms(b['p99_us'])} ({b['steps']} steps)"
+            line += f" | max {_ms(v['max_step_us'])} | plans {v['plans_committed']}"
+            print(line + f" | exact {v['weights_exact_all_ranks']}")
     return 0
 
 

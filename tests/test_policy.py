@@ -164,27 +164,29 @@ def _compositions(n: int, k: int, cap: int):
             yield (c, *rest)
 
 
-def _best_pairing(items: tuple[tuple[float, int], ...]) -> float:
-    """Optimal peak packing 2 items per rank, no expert twice on a rank (exhaustive)."""
-
-    @functools.cache
-    def rec(rem: tuple[tuple[float, int], ...]) -> float:
-        if not rem:
-            return 0.0
-        a, best = rem[0], np.inf
-        for i in range(1, len(rem)):
-            if rem[i][1] != a[1]:
-                best = min(best, max(a[0] + rem[i][0], rec(rem[1:i] + rem[i + 1 :])))
-        return best
-
-    return rec(tuple(sorted(items, reverse=True)))
+@functools.cache
+def _best_pairing(rem: tuple[tuple[float, int], ...]) -> float:
+    """Optimal peak packing 2 items per rank, no expert twice on a rank (exhaustive; items sorted)."""
+    if not rem:
+        return 0.0
+    a, best = rem[0], np.inf
+    for i in range(1, len(rem)):
+        if rem[i][1] != a[1]:
+            best = min(best, max(a[0] + rem[i][0], _best_pairing(rem[1:i] + rem[i + 1 :])))
+    return best
 
 
 def brute_force_peak(w: list[int], ranks: int) -> float:
-    """Exact optimum over every replica-count vector and every pairing (S = 2)."""
+    """Exact optimum over every replica-count vector and every pairing (S = 2).
+
+    A count vector whose largest share already reaches the best peak found
+    cannot beat it and is skipped (exact pruning).
+    """
     best = np.inf
     for c in _compositions(2 * ranks, len(w), ranks):
-        items = tuple((w[e] / c[e], e) for e in range(len(w)) for _ in range(c[e]))
+        if max(w[e] / c[e] for e in range(len(w))) >= best:
+            continue
+        items = tuple(sorted(((w[e] / c[e], e) for e in range(len(w)) for _ in range(c[e])), reverse=True))
         best = min(best, _best_pairing(items))
     return best
 

@@ -234,7 +234,12 @@ class EplbClient:
         self._comm_same_device = comm_device == torch.device(host.device)
         self._ls = L * S
         width = self._ls + C.NUM_WORDS
-        self._send = torch.zeros(width, dtype=torch.int64, device=comm_device)
+        # Two send buffers, alternating: with the counts on the comm device the
+        # recorder accumulates straight into the counts part of the next one.
+        self._sends = [torch.zeros(width, dtype=torch.int64, device=comm_device) for _ in range(2)]
+        self._send_np = [b.numpy() if comm_device.type == "cpu" else None for b in self._sends]
+        self._cur = 0
+        self._send = self._sends[0]
         self._recv = torch.zeros(self.world * width, dtype=torch.int64, device=comm_device)
         self._host_recv = (
             self._recv
@@ -243,6 +248,9 @@ class EplbClient:
         )
         self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
         self._words_t = torch.from_numpy(self._words_np)
+        if self._comm_same_device:
+            self.recorder.rebind(self._sends[0][: self._ls].view(L, S))
+        self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray]] | None = None
         self._comm_stream = self.dev.new_stream()
@@ -331,26 +339,43 @@ class EplbClient:
         self._pack()
         self._launch(meta)
         self.stats.syncs = n + 1
+        # Wake the helper threads only now: started earlier, they would contend
+        # for the GIL with the rest of this sync instead of with the next forward.
+        for worker, fn in self._deferred:
+            worker.submit(fn)
+        self._deferred.clear()
+
+    def _defer(self, worker: _Worker, fn: Callable[[], None]) -> None:
+        self._deferred.append((worker, fn))
 
     def _finish_gather(self) -> np.ndarray:
         assert self._pending is not None
         work, ev, meta = self._pending
         self._pending = None
         t0 = time.perf_counter_ns()
-        work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+        if ev is not None:
+            # Stream device: the event follows the collective and the copy to pinned
+            # host memory on the comm stream; both finished long ago.
+            self.dev.synchronize_event(ev)
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
-        self.dev.synchronize_event(ev)  # device->host copy queued at launch; long done
         mat = self._host_recv.numpy().reshape(self.world, self._ls + C.NUM_WORDS)
         if self._pub is not None:
             counts = mat[:, : self._ls].copy()
-            self._pub.submit(lambda: self._publish_window(counts, meta))
+            self._defer(self._pub, lambda: self._publish_window(counts, meta))
         return mat[:, self._ls :].copy()
 
     def _launch(self, meta: tuple[int, int, int, int, np.ndarray]) -> None:
         """Drain the recorder and the words into the send buffer; start the all-gather."""
         if self._comm_same_device:
-            self.recorder.drain_into(self._send[: self._ls])
-            self._send[self._ls :].copy_(self._words_t, non_blocking=True)
+            # The recorder accumulated straight into this buffer; add the words.
+            self._send = self._sends[self._cur]
+            np_view = self._send_np[self._cur]
+            if np_view is not None:
+                np_view[self._ls :] = self._words_np
+            else:
+                self._send[self._ls :].copy_(self._words_t, non_blocking=True)
         else:  # e.g. CUDA weights with a gloo group: a synchronous hop through host memory
             self._send[: self._ls].copy_(self.recorder.acc.view(-1))
             self.recorder.acc.zero_()
@@ -368,6 +393,13 @@ class EplbClient:
             work = self._gather(self._recv, self._send, group=self.group, async_op=True)
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
         self._pending = (work, ev, meta)
+        if self._comm_same_device:
+            # The other buffer fed the previous all-gather, which completed at the
+            # start of this sync: it can take the next window's counts.
+            self._cur ^= 1
+            nxt = self._sends[self._cur]
+            nxt[: self._ls].zero_()
+            self.recorder.rebind(nxt[: self._ls].view(self.g.num_layers, self.g.slots_per_rank))
 
     # ------------------------------------------------------------------ decisions
     def _apply(self, d: C.Decision) -> None:
@@ -442,7 +474,7 @@ class EplbClient:
         if self.config.mode == "stw":
             self._run_stw(xfer)
         else:
-            self._worker.submit(xfer.run)
+            self._defer(self._worker, xfer.run)
 
     def _run_stw(self, xfer: PlanTransfer) -> None:
         """Stop-the-world: every layer staged and committed now, on the forward thread."""
@@ -545,7 +577,7 @@ class EplbClient:
             return
         self._validating = True
         epoch, p2l = st.epoch, self._phy2log
-        self._worker.submit(lambda: self._validate(latest, epoch, p2l))
+        self._defer(self._worker, lambda: self._validate(latest, epoch, p2l))
 
     def _validate(self, latest: int, epoch: int, p2l: np.ndarray) -> None:
         """Worker thread: read the current plan and check it against placement (epoch, p2l)."""
@@ -617,12 +649,16 @@ class EplbClient:
     # ------------------------------------------------------------------ leader: shm writes
     def _queue_status(self, status: PlanStatus) -> None:
         if self._pub is not None:
-            self._pub.submit(lambda: self._pub_call("plan status", self._dom_w.write_plan_status, status))
+            self._defer(
+                self._pub, lambda: self._pub_call("plan status", self._dom_w.write_plan_status, status)
+            )
 
     def _queue_placement(self) -> None:
         if self._pub is not None:
             epoch, p2l = self.state.epoch, self._phy2log
-            self._pub.submit(lambda: self._pub_call("placement", self._dom_w.write_placement, epoch, p2l))
+            self._defer(
+                self._pub, lambda: self._pub_call("placement", self._dom_w.write_placement, epoch, p2l)
+            )
 
     def _pub_call(self, what: str, fn: Callable[..., None], *args: Any) -> None:
         try:

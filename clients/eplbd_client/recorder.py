@@ -30,6 +30,20 @@ class LoadRecorder:
         """Add ``counts`` [L, S] at once (engines that count all layers together)."""
         self.acc.add_(counts)
 
+    def rebind(self, acc: torch.Tensor) -> None:
+        """Accumulate into ``acc`` [L, S] int64 from now on (it must be zeroed by the caller).
+
+        The client points the recorder straight at the counts part of the
+        all-gather's send buffer and alternates two buffers, so a sync costs
+        one ``zero_`` instead of a copy and a ``zero_``.
+        """
+        if acc.shape != self.acc.shape or acc.dtype != torch.int64:
+            raise ValueError(
+                f"rebind: need int64 {tuple(self.acc.shape)}, got {acc.dtype} {tuple(acc.shape)}"
+            )
+        self.acc = acc
+        self._rows = list(acc.unbind(0))
+
     def drain_into(self, out: torch.Tensor) -> None:
         """Copy the accumulator into ``out`` [L*S] (flat) and zero it; queued, no host sync
         when ``out`` is on the same device."""

@@ -230,10 +230,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], q: Any) -> None:
+def _child(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], q: Any, backend: str
+) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         out = fn(rank, world, *args)
         q.put((rank, True, out))
     except BaseException:
@@ -252,8 +256,9 @@ def launch(
     *args: Any,
     timeout: float = 120.0,
     on_started: Callable[[], None] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` in ``world`` forked processes with a gloo group.
+    """Run ``fn(rank, world, *args)`` in ``world`` forked processes with a ``backend`` group.
 
     ``on_started`` runs in a parent thread once every child is forked (start
     parent-side threads there, not before: fork copies locks held by threads).
@@ -267,7 +272,8 @@ def launch(
     q = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world, port, args, q), daemon=True) for r in range(world)
+        ctx.Process(target=_child, args=(fn, r, world, port, args, q, backend), daemon=True)
+        for r in range(world)
     ]
     for p in procs:
         p.start()

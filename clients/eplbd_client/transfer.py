@@ -172,6 +172,9 @@ class PlanTransfer:
         self.abort_event = threading.Event()
         self._cond = threading.Condition()
         self.done_event = threading.Event()
+        # Live weights were last written on the forward stream (earlier commits):
+        # the staging stream must not read them before those writes land.
+        self._start_event = dev.record_event()
         self.stage_seconds: list[float] = []  # wall time per staged layer (for stats)
 
     # -- staging pool -------------------------------------------------------
@@ -191,17 +194,20 @@ class PlanTransfer:
     # -- one layer ----------------------------------------------------------
     def transfer_layer(self, j: int) -> _Staged:
         """Stage changed layer #j (its COPYs and p2p rounds). Raises TransferError."""
-        self._ensure_pool()
-        assert self._pool is not None
         layer = int(self.layers[j])
         R, T = self.g.num_ranks, len(self.sig)
         ops = self.plan.ops_for(layer, self.rank, R)
         w = list(self.host.expert_weights(layer))
         writes = ops[ops["kind"] != SEND]
-        entries = self._alloc(int(writes.shape[0]))
-        entry_of = {int(d): int(e) for d, e in zip(writes["dst_slot"], entries.tolist(), strict=True)}
-        pool = self._pool
         with self.dev.use_stream(self.stream):
+            if self._start_event is not None:
+                self.dev.wait_event(self._start_event)
+                self._start_event = None
+            self._ensure_pool()  # allocated on the staging stream
+            pool = self._pool
+            assert pool is not None
+            entries = self._alloc(int(writes.shape[0]))
+            entry_of = {int(d): int(e) for d, e in zip(writes["dst_slot"], entries.tolist(), strict=True)}
             with self._cond:
                 evs, self._release_events = self._release_events, []
             for ev in evs:  # entries freed by commits on the forward stream
@@ -310,7 +316,12 @@ class PlanTransfer:
                 self.replica_count[layer],
             )
             done.append(layer)
-        ev = self.dev.record_event() if done else None
+        ev = None
+        if done and self.dev.has_streams:
+            cur = self.dev.current_stream()
+            for p in self._pool or []:
+                p.record_stream(cur)  # the pool is also used on the forward stream
+            ev = self.dev.record_event()
         with self._cond:
             if done and ev is not None:
                 self._release_events.append(ev)

@@ -1,0 +1,268 @@
+"""The hooks on vLLM's ``EplbState``: counts go to eplbd, eplbd's plans come back.
+
+:func:`install` patches the class (once per process) so that, for every model
+vLLM registers with ``EplbState.add_model``:
+
+- after vLLM built its maps, a :class:`ModelBridge` creates an
+  :class:`eplbd_client.EplbClient` over a :class:`~eplbd_vllm.host.VllmExpertHost`
+  (collective over the EP group, like ``add_model`` itself);
+- ``EplbState.step`` (called once per forward step on every rank, dummy steps of
+  idle DP ranks included) adds vLLM's ``expert_load_pass`` [L, P] into a local
+  accumulator, zeroes it, and steps the client; at the client's sync steps the
+  accumulator is reduce-scattered over the EP group so that each rank hands the
+  client its own slots' counts [L, S] summed over every rank's tokens;
+- ``EplbState.rearrange`` and ``start_async_loop`` never run vLLM's logic (a
+  call is counted and logged); vLLM's async EPLB is switched off;
+- the client commits layers through ``VllmExpertHost.commit_layer``: in-place
+  copies into vLLM's maps, then the platform routing-table hooks.
+
+Bytes per sync (per rank): the reduce-scatter input is L*P int64 (a ring moves
+(R-1)/R of it), then the client's all-gather sends L*S + control words int64
+(:meth:`ModelBridge.bytes_per_sync`). Per step: one add and one zero on the
+device, no collective, no host sync.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .settings import PluginSettings, model_tag
+
+__all__ = ["ModelBridge", "bridges", "install", "installed", "uninstall"]
+
+log = logging.getLogger("eplbd_vllm")
+
+_ATTR = "_eplbd_bridges"  # EplbState instance attribute: {model key: ModelBridge}
+_lock = threading.Lock()
+_originals: dict[str, Any] = {}
+_settings: PluginSettings | None = None
+_all_bridges: list[ModelBridge] = []
+
+
+class ModelBridge:
+    """eplbd for one model registered in one ``EplbState`` (one EP rank)."""
+
+    def __init__(self, eplb_state: Any, model_state: Any, settings: PluginSettings) -> None:
+        from eplbd_client import ClientConfig, EplbClient
+        from vllm.distributed.parallel_state import get_ep_group, get_eplb_group, get_node_count
+
+        from eplbd.geometry import Geometry
+
+        from .host import VllmExpertHost, expert_bytes_of
+
+        self.settings = settings
+        self.model_state = model_state
+        model = model_state.model
+        ep = get_ep_group()
+        for attr in ("device_group", "cpu_group", "rank_in_group", "world_size"):
+            if not hasattr(ep, attr):
+                raise RuntimeError(f"eplbd-vllm: vLLM's EP GroupCoordinator has no {attr!r}")
+        self.group = ep.device_group
+        try:
+            transfer_group = get_eplb_group().device_group
+        except AssertionError:  # no separate EPLB group: let the client make its own
+            transfer_group = None
+        R = int(ep.world_size)
+        S = int(model.num_local_physical_experts)
+        L = int(model.num_moe_layers)
+        E = int(model.num_logical_experts)
+        P = int(model.num_physical_experts)
+        if R * S != P:
+            raise RuntimeError(f"eplbd-vllm: {R} EP ranks x {S} local slots != {P} physical experts")
+        nodes = int(get_node_count())
+        if nodes < 1 or R % nodes:
+            nodes = 1  # as vLLM's own rearrange does when ranks do not split evenly
+        G = int(model.num_expert_groups or 1)
+        if E % G:
+            G = 1
+        self.L, self.P, self.S, self.R, self.E = L, P, S, R, E
+        self.rank = int(ep.rank_in_group)
+
+        g = Geometry(L, E, R, S, num_nodes=nodes, num_groups=G, expert_bytes=expert_bytes_of(model))
+        self.geometry = g
+        self.host = VllmExpertHost(model_state, g.max_replicas)
+
+        job = settings.job or _default_job(ep.cpu_group)
+        self.domain = settings.domain_name(job, model_tag(str(model_state.model_name)))
+        cfg = ClientConfig(
+            sync_interval=settings.sync_interval,
+            mode=settings.mode,
+            max_staged_experts=settings.max_staged_experts,
+            plan_timeout_syncs=settings.plan_timeout_syncs,
+            ranks_per_node=R // nodes,
+        )
+        self.client = EplbClient(
+            self.host,
+            g,
+            self.domain,
+            group=self.group,
+            transfer_group=transfer_group,
+            config=cfg,
+            phy2log=self.host.phy2log(),
+        )
+        dev = self.host.device
+        # [R, L, S]: chunk r (contiguous) is what rank r owns, so the sync is one
+        # reduce-scatter straight out of the accumulator.
+        self.acc = torch.zeros((R, L, S), dtype=torch.int64, device=dev)
+        self._acc_lrs = self.acc.permute(1, 0, 2)  # [L, R, S] view for the per-step add
+        self.mine = torch.zeros((L, S), dtype=torch.int64, device=dev)
+        self._rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self.steps = 0
+        self.syncs = 0
+        log.info(
+            "eplbd-vllm rank %d: model %s -> domain %s (L=%d E=%d R=%d S=%d nodes=%d, K=%d, %s)",
+            self.rank,
+            model_state.model_name,
+            self.client.domain_name,
+            L,
+            E,
+            R,
+            S,
+            nodes,
+            settings.sync_interval,
+            settings.mode,
+        )
+
+    def bytes_per_sync(self) -> dict[str, int]:
+        """Per-rank payload of one sync: reduce-scatter input and all-gather send (bytes)."""
+        from eplbd_client.control import NUM_WORDS
+
+        return {
+            "reduce_scatter_in": self.L * self.P * 8,
+            "all_gather_send": (self.L * self.S + NUM_WORDS) * 8,
+        }
+
+    def step(self, is_dummy: bool) -> None:
+        """One forward step: absorb vLLM's per-slot counts, sync on the client's schedule."""
+        lp = self.model_state.expert_load_pass  # [L, P] int32, this rank's routed tokens
+        if not is_dummy:  # a dummy step's counts are padding, as in vLLM
+            self._acc_lrs.add_(lp.reshape(self.L, self.R, self.S))
+        lp.zero_()
+        self.steps += 1
+        # EplbClient.step syncs (and drains its recorder) when its step count is a
+        # multiple of sync_interval; it counts exactly the calls made here.
+        if self.steps % self.settings.sync_interval == 0:
+            self._rs(self.mine.view(-1), self.acc.view(-1), group=self.group)
+            self.acc.zero_()
+            self.client.recorder.record_all(self.mine)
+            self.syncs += 1
+        self.client.step()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _default_job(cpu_group: Any) -> str:
+    """``vllm<pid of EP rank 0>``: equal on every rank, distinct between jobs on a host."""
+    obj = [os.getpid()]
+    dist.broadcast_object_list(obj, src=dist.get_global_rank(cpu_group, 0), group=cpu_group)
+    return f"vllm{obj[0]}"
+
+
+def bridges(eplb_state: Any) -> dict[Any, ModelBridge]:
+    """The bridges of an ``EplbState`` instance (model key -> bridge)."""
+    return getattr(eplb_state, _ATTR, {})
+
+
+# ---------------------------------------------------------------------- patches
+def _add_model(self: Any, model: Any, model_config: Any, model_name: str | None = None) -> None:
+    pc = self.parallel_config
+    if getattr(pc, "enable_elastic_ep", False):
+        raise RuntimeError(
+            "eplbd-vllm: elastic EP resizes the physical slots at run time, which eplbd does not "
+            "support; unset EPLBD_ENABLE or disable elastic EP"
+        )
+    before = dict(self.model_states)
+    _originals["add_model"](self, model, model_config, model_name)
+    # vLLM's async EPLB thread must never start, and its record flag must stay on:
+    # eplbd wants every step's counts (vLLM turns recording off between its windows).
+    self.is_async = False
+    if self.should_record_tensor is not None:
+        self.should_record_tensor.fill_(True)
+    new = [(k, v) for k, v in self.model_states.items() if before.get(k) is not v]
+    table = self.__dict__.setdefault(_ATTR, {})
+    assert _settings is not None
+    for key, ms in new:
+        b = ModelBridge(self, ms, _settings)
+        table[key] = b
+        _all_bridges.append(b)
+
+
+def _step(self: Any, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False) -> None:
+    # is_profile: vLLM's profile run would do a dummy rearrangement to reserve its
+    # own transfer buffers; eplbd's staging is allocated by the client. log_stats:
+    # vLLM's balancedness log costs an all-reduce; eplbd-ctl status shows beta.
+    if is_profile:
+        return
+    for b in bridges(self).values():
+        b.step(is_dummy)
+
+
+def _rearrange(
+    self: Any, is_profile: bool = False, rank_mapping: Any = None, use_last_expert_load: bool = False
+) -> None:
+    self.__dict__["_eplbd_rearrange_blocked"] = self.__dict__.get("_eplbd_rearrange_blocked", 0) + 1
+    if not is_profile:
+        log.warning("eplbd-vllm: EplbState.rearrange called while eplbd balances; ignored")
+    return None
+
+
+def _start_async_loop(self: Any, rank_mapping: Any = None, is_profile: bool = False) -> None:
+    return None
+
+
+_PATCHES = {
+    "add_model": _add_model,
+    "step": _step,
+    "rearrange": _rearrange,
+    "start_async_loop": _start_async_loop,
+}
+
+
+def installed() -> bool:
+    return bool(_originals)
+
+
+def install(settings: PluginSettings) -> None:
+    """Patch ``EplbState`` at class level (idempotent; the first settings win)."""
+    global _settings
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    with _lock:
+        if _originals:
+            return
+        _settings = settings
+        for name, fn in _PATCHES.items():
+            orig = getattr(EplbState, name)
+            _originals[name] = orig
+            setattr(EplbState, name, fn)
+        atexit.register(_close_all)
+
+
+def uninstall() -> None:
+    """Restore vLLM's methods and close every client (tests; vLLM itself never needs it)."""
+    global _settings
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    with _lock:
+        _close_all()
+        for name, orig in _originals.items():
+            setattr(EplbState, name, orig)
+        _originals.clear()
+        _settings = None
+
+
+def _close_all() -> None:
+    while _all_bridges:
+        b = _all_bridges.pop()
+        try:
+            b.close()
+        except Exception as e:  # shutdown must not fail on a closed group
+            log.warning("eplbd-vllm: closing client of %s: %s", b.domain, e)
