@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="fewer steps")
+    ap.add_argument("--json-out", metavar="PATH", help="also write the JSON report to PATH")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     n_ovh, n_step = (800, 160) if args.quick else (4000, 400)
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "step_time": bench_steptime(n_step),
     }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
@@ -268,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             a, s = v["all_steps_wall"], v["sync_steps_wall"]
             ac = v["all_steps_cpu"]
             print(
-                f"  {label:24s} all steps wall p50 {a['p50_us']:.1f} p99 {a['p99_us']:.1f} | cpu p50 "
-                f"{ac['p50_us']:.1f} p99 {ac['p99_us']:.1f} | sync steps wall p50 {s['p50_us']:.1f} "
-                f"p99 {s['p99_us']:.1f}"
+                f"  {label:28s} all steps wall p50 {a['p50_us']:.1f} p99 {a['p99_us']:.1f} "
+                f"mean {v['mean_per_step_wall_us']:.1f} | cpu p50 {ac['p50_us']:.1f} p99 {ac['p99_us']:.1f} "
+                f"| sync steps wall p50 {s['p50_us']:.1f} p99 {s['p99_us']:.1f}"
             )
         print("bytes per sync per rank (computed):")
         for label, v in report["bytes_per_sync"].items():

@@ -44,6 +44,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eplbd.forecast import forecast  # noqa: E402
+from eplbd.policy.pipeline import DEFAULT_FORECAST, propose  # noqa: E402
 from eplbd.geometry import Geometry  # noqa: E402
 from eplbd.placement import default_phy2log  # noqa: E402
 from eplbd.policy import rebalance  # noqa: E402
@@ -87,12 +88,13 @@ def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int) -> dict:
     for pol in POLICIES:
         cur = default_phy2log(g)
         for t in (10, 20):  # reach a steady state
-            cur = rebalance(forecast(tr[t - 10 : t], fc), cur, g, pol)
+            cur = propose(tr[t - 10 : t], cur, g, policy=pol, forecast=fc).phy2log
         w = forecast(tr[20:30], fc)
+        opts = propose(tr[20:30], cur, g, policy=pol, forecast=fc).options  # what the pipeline passes
         ts, cpu = [], []
         for _ in range(repeats):
             c0, t0 = time.process_time(), time.perf_counter()
-            rebalance(w, cur, g, pol)
+            rebalance(w, cur, g, pol, **opts)
             ts.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         g1 = Geometry(1, g.num_experts, g.num_ranks, g.slots_per_rank, num_nodes=g.num_nodes,
@@ -101,7 +103,7 @@ def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int) -> dict:
         for _ in range(loop_repeats):
             t0 = time.perf_counter()
             for layer in range(g.num_layers):
-                rebalance(w[layer : layer + 1], cur[layer : layer + 1], g1, pol)
+                rebalance(w[layer : layer + 1], cur[layer : layer + 1], g1, pol, **opts)
             tl.append(time.perf_counter() - t0)
         vec, loop = float(np.median(ts)) * 1e3, float(np.median(tl)) * 1e3
         out[pol] = {"ms_median": vec, "ms_min": float(np.min(ts)) * 1e3,
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("traces", nargs="*", help="trace files loads.npy [T, L, E]")
     ap.add_argument("--windows", type=int, default=200, help="synthetic trace windows (default 200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--forecast", default="ema", help="forecast method for both policies (default ema)")
+    ap.add_argument("--forecast", default=DEFAULT_FORECAST,
+                    help=f"forecast method for both policies (default {DEFAULT_FORECAST}, the daemon's)")
     ap.add_argument("--repeats", type=int, default=30, help="speed: timed calls per policy")
     ap.add_argument("--quick", action="store_true", help="60 synthetic windows, 5 timed calls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")

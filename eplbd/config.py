@@ -32,7 +32,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "/etc/eplbd/eplbd.toml"
 ENV_PREFIX = "EPLBD_"
 
-FORECAST_METHODS = ("ema", "share_ema", "trend", "sum")  # eplbd.forecast.METHODS
+FORECAST_METHODS = ("sum", "ema", "share_ema", "trend", "auto")  # = eplbd.forecast.METHODS (tested)
 POLICIES = ("moveaware", "greedy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -55,7 +55,7 @@ class Config:
     shm_prefix: str = "eplbd."
     num_iterations: int = 3000
     history_windows: int = 16
-    forecast: str = "ema"
+    forecast: str = "auto"  # = eplbd.policy.pipeline.DEFAULT_FORECAST (tested)
     forecast_alpha: float = 0.3
     policy: str = "moveaware"
     min_gain: float = 0.02
@@ -79,7 +79,8 @@ KEY_DOCS: dict[str, str] = {
     "sync interval K (= step_end - step_begin of its windows): n = ceil(num_iterations / K), "
     "and window w triggers a plan when w % n == n - 1",
     "history_windows": "windows (newest first, up to the triggering one) the forecast reads",
-    "forecast": f"forecast method, one of {', '.join(FORECAST_METHODS)}",
+    "forecast": f"forecast method, one of {', '.join(FORECAST_METHODS)}; 'auto' picks each layer's "
+    "smoothing from how well it predicted the history windows themselves",
     "forecast_alpha": "weight of the newest window in the 'ema', 'share_ema' and 'trend' "
     "forecasts, in (0, 1]",
     "policy": f"placement policy, one of {', '.join(POLICIES)}",

@@ -68,12 +68,11 @@ from typing import Any
 import numpy as np
 
 from eplbd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, unknown_env
-from eplbd.forecast import forecast
 from eplbd.metrics import NullMetrics, make_metrics
 from eplbd.notify import Notifier
-from eplbd.placement import MoveCounts, balancedness, count_moves
+from eplbd.placement import MoveCounts, count_moves
 from eplbd.planner import build_plan, validate_plan
-from eplbd.policy import rebalance
+from eplbd.policy import propose
 from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED, DaemonInfo, Domain, list_domains
 from eplbd.shm.names import segment_path
 
@@ -353,12 +352,14 @@ class DomainWorker(threading.Thread):
         loads = np.stack(wins)  # [W, L, E]
         epoch, cur = dom.read_placement()  # [L, P] int32
         lap("read")
-        fc = forecast(loads, method=cfg.forecast, alpha=cfg.forecast_alpha)  # [L, E] float64
-        lap("forecast")
-        new = rebalance(fc, cur, g, policy=cfg.policy)
+        # The same pure pipeline `eplbd replay` runs: forecast, policy (with its
+        # history-fitted slack), beta of the forecast under the old/new placement.
+        prop = propose(loads, cur, g, policy=cfg.policy, forecast=cfg.forecast,
+                       forecast_alpha=cfg.forecast_alpha)  # fmt: skip
+        ph["forecast"] = prop.forecast_ms
         lap("policy")
-        beta_now = balancedness(fc, cur, g)
-        beta_pred = balancedness(fc, new, g)
+        ph["policy"] -= prop.forecast_ms
+        new, beta_now, beta_pred = prop.phy2log, prop.beta_now, prop.beta_pred
         moves = count_moves(cur, new, g)
         lap("gate")
         dec = Decision(trig, "skip", beta_now=beta_now, beta_pred=beta_pred, moves=moves)

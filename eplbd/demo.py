@@ -83,12 +83,12 @@ class DemoSpec:
     experts: int = 16
     hidden: int = 256  # d: expert MLP input/output width
     ffn: int = 512  # h: expert MLP hidden width
-    tokens: int = 64  # tokens per step (identical on every rank)
+    tokens: int = 128  # tokens per step (identical on every rank)
     top_k: int = 2
     skew: float = 8.0  # height of the routing hot spot (logit units; the gate's own spread is ~0.5*sqrt(d))
     drift_period: int = 200  # steps per one-expert move of the hot spot
     shift_at: float = 0.6  # fraction of the steps after which the hot spot jumps by E/2
-    sync_interval: int = 8  # K: steps per sync / window
+    sync_interval: int = 4  # K: steps per sync / window
     max_staged: int = 0  # client max_staged_experts; 0 = L * S (a whole plan staged at once)
     plan_every: int = 32  # daemon num_iterations: steps between plans
     history_windows: int = 4
@@ -96,6 +96,8 @@ class DemoSpec:
     seed: int = 0
     check_every: int = 25  # output check every this many steps (rank 0), plus the last step
     progress: bool = True
+    # Fault injection for tests, "RANK:STEP:raise" or "RANK:STEP:crash" (os._exit, no report).
+    fail_at: str = ""
 
     @property
     def slots(self) -> int:
@@ -218,6 +220,17 @@ class _Progress:
                 self._dom.close()
 
 
+def _parse_fail(text: str) -> tuple[int, int, str]:
+    """``"RANK:STEP[:raise|crash]"`` -> (rank, step, kind); ValueError naming the problem."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(x.strip().isdigit() for x in parts[:2]):
+        raise ValueError(f"--fail-at must be RANK:STEP[:raise|crash], got {text!r}")
+    kind = parts[2] if len(parts) == 3 else "raise"
+    if kind not in ("raise", "crash"):
+        raise ValueError(f"--fail-at kind must be 'raise' or 'crash', got {kind!r}")
+    return int(parts[0]), int(parts[1]), kind
+
+
 def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain: str) -> dict[str, Any]:
     """One rank of one mode: the model + client for ``spec.steps`` steps; measurements out."""
     from eplbd_client import ClientConfig, EplbClient
@@ -259,9 +272,14 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
     changes: list[tuple[int, int, int, int]] = []  # (step, epoch, remote moves, local moves)
     first_commit_step = -1
     progress = _Progress(mode, N, domain) if (lead and spec.progress) else None
+    fail_rank, fail_step, fail_kind = _parse_fail(spec.fail_at) if spec.fail_at else (-1, -1, "")
     try:
         p2l = client.phy2log
         for step in range(N):
+            if rank == fail_rank and step == fail_step:
+                if fail_kind == "crash":
+                    os._exit(3)
+                raise RuntimeError(f"injected failure at step {step} (--fail-at {spec.fail_at})")
             in_flight[step] = client.active_plan >= 0
             stw0 = client.stats.stw_seconds
             if lead:  # placement in force for this step's forward, and the unbalanced one
@@ -360,6 +378,11 @@ class DaemonProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             env=_child_env(),
+            # Its own session: a Ctrl-C at the terminal reaches the demo, which then stops
+            # the daemon with SIGTERM as systemd would; if the demo itself is killed, the
+            # kernel sends the daemon SIGTERM (no orphan daemon serving a dead prefix).
+            start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - no threads yet
         )
 
     def log_text(self) -> str:
@@ -431,28 +454,163 @@ def _terminate_as_exception() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _rank_failure(err: BaseException) -> str:
-    """A short reason from ``launch``'s RuntimeError (the ranks' tracebacks)."""
-    text = str(err)
-    reasons = []
-    for block in text.split("\nrank ")[0:]:
-        lines = [ln for ln in block.strip().splitlines() if ln.strip()]
-        if not lines:
-            continue
-        head = lines[0] if lines[0].startswith("rank ") else "rank " + lines[0]
-        reasons.append(f"{head.rstrip(':')} {lines[-1].strip()}")
-    return "; ".join(reasons) or text
+def _die_with_parent(sig: int) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere).
+
+    A demo killed with SIGKILL cannot clean up; this way its daemon and ranks
+    do not outlive it."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _rank_entry(rank: int, world: int, port: int, args: tuple[Any, ...], q: Any) -> None:
+    """Body of a forked rank process: gloo group, :func:`_rank_main`, report on ``q``, exit."""
+    # Ctrl-C is for the parent to handle: it ends the ranks itself and prints one message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (fork copies them)
+        signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent(signal.SIGKILL)
+    code = 0
+    dist = None
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # R ranks share the machine's cores
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        out = _rank_main(rank, world, *args)
+        q.put((rank, True, out))
+    except BaseException as e:
+        import traceback
+
+        q.put((rank, False, (f"{type(e).__name__}: {e}", traceback.format_exc())))
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            if dist is not None and dist.is_initialized():
+                dist.destroy_process_group()
+        q.close()
+        q.join_thread()  # the report must reach the pipe before the process is gone
+        os._exit(code)  # a forked child: skip the parent's atexit handlers
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _is_peer_loss(message: str) -> bool:
+    """A gloo error that only says a peer went away (the consequence, not the cause)."""
+    return "gloo" in message and any(
+        k in message for k in ("closed by peer", "reset by peer", "Read error", "Write error", "Broken pipe")
+    )
+
+
+def _failure_message(errors: dict[int, tuple[str, str]]) -> str:
+    """One line naming the failed rank(s) and why, then the failing ranks' tracebacks."""
+    cause = sorted(r for r, (msg, _) in errors.items() if not _is_peer_loss(msg))
+    lost = sorted(r for r in errors if r not in cause)
+    if not cause:
+        cause, lost = lost, []
+    line = "; ".join(f"rank {r}: {errors[r][0].splitlines()[0][:300]}" for r in cause)
+    if lost:
+        line += f" (then rank(s) {', '.join(map(str, lost))} lost their peer)"
+    tbs = [f"--- rank {r} ---\n{errors[r][1].rstrip()}" for r in cause if errors[r][1]]
+    return "\n".join([line, *tbs])
+
+
+def launch_ranks(world: int, args: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+    """Fork ``world`` ranks running ``_rank_main(rank, world, *args)``; their results by rank.
+
+    On the first failure (an exception in a rank, a rank that died, the timeout)
+    the other ranks are ended too (they would wait in a collective for their
+    lost peer) and :class:`DemoError` says which rank failed and how. The
+    ranks are always joined before this returns or raises.
+    """
+    import multiprocessing as mp
+    import queue
+
+    from eplbd_client.testing import free_port
+
+    ctx = mp.get_context("fork")  # torch is imported already: start-up in a fraction of a second
+    q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_rank_entry, args=(r, world, port, args, q), name=f"eplbd-demo-rank{r}", daemon=True
+        )
+        for r in range(world)
+    ]
+    results: dict[int, Any] = {}
+    errors: dict[int, tuple[str, str]] = {}
+    died: dict[int, float] = {}  # rank -> when its non-zero exit was first seen
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.start()
+        settle = math.inf  # after the first failure, collect the others' reports this long
+        while len(results) + len(errors) < world and time.monotonic() < min(settle, deadline):
+            try:
+                rank, ok, out = q.get(timeout=0.1)
+            except queue.Empty:
+                now = time.monotonic()
+                for r, p in enumerate(procs):
+                    if r not in results and r not in errors and p.exitcode not in (None, 0):
+                        died.setdefault(r, now)
+                        if now - died[r] > 1.0:  # its report (if any) would have arrived by now
+                            errors[r] = (_exit_reason(p.exitcode) + " without a report", "")
+                if errors:
+                    settle = min(settle, now + 1.5)
+                continue
+            if ok:
+                results[rank] = out
+            else:
+                errors[rank] = out
+                settle = min(settle, time.monotonic() + 1.5)
+        if errors:
+            raise DemoError(_failure_message(errors))
+        if len(results) < world:
+            missing = [r for r in range(world) if r not in results]
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for rank(s) {missing}")
+        return [results[r] for r in range(world)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is None:
+                continue
+            p.join(3)
+            if p.is_alive():
+                p.kill()
+                p.join(3)
+        q.close()
+        q.cancel_join_thread()
 
 
 def run_mode(spec: DemoSpec, mode: str, domain: str, timeout: float) -> dict[str, Any]:
     """Run the R ranks of one mode to the end; returns rank 0's result with every rank's checks."""
-    from eplbd_client.testing import launch
-
     t0 = time.perf_counter()
     try:
-        res = launch(_rank_main, spec.ranks, dataclasses.asdict(spec), mode, domain, timeout=timeout)
-    except (RuntimeError, TimeoutError) as e:
-        raise DemoError(f"{mode} run failed: {_rank_failure(e)}\n{e}") from None
+        res = launch_ranks(spec.ranks, (dataclasses.asdict(spec), mode, domain), timeout)
+    except DemoError as e:
+        raise DemoError(f"{mode} run failed: {e}") from None
     out = dict(res[0])
     out["wall_s"] = time.perf_counter() - t0
     out["all_mismatches"] = {r["rank"]: r["mismatches"] for r in res if r["mismatches"]}
@@ -492,14 +650,22 @@ def run_demo(spec: DemoSpec, *, stw: bool = True, log: Any = None) -> dict[str, 
                     f"the daemon exited with status {daemon.proc.returncode} during the {mode} run:\n"
                     + daemon.log_tail()
                 )
-        results["daemon_log"] = daemon.log_text()
         return results
     finally:
         if daemon is not None:
             rc = daemon.stop()
-            if rc not in (0, None, -signal.SIGTERM):
-                log(f"daemon exit status {rc}")
-        cleanup_shm(prefix)
+            text = daemon.log_text()
+            results["daemon"] = {
+                "pid": daemon.proc.pid,
+                "exit_status": rc,
+                "plans_published": text.count("decision=publish"),
+                "errors_logged": sum(" error: " in ln for ln in text.splitlines()),
+                "shm_prefix": prefix,
+            }
+            if rc != 0:
+                log(f"daemon exit status {rc}:\n{daemon.log_tail()}")
+        # Segments the ranks' leader did not unlink (a failed or interrupted run).
+        results.setdefault("daemon", {})["shm_removed"] = cleanup_shm(prefix)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -598,6 +764,7 @@ def summarize(spec: DemoSpec, results: dict[str, Any]) -> dict[str, Any]:
         },
         "async": a,
         "stw": s,
+        "daemon": results.get("daemon"),
     }
     return out
 
@@ -671,6 +838,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     )
     lines.append(both("wall_s"))
+    m = summary.get("machine")
+    if m:
+        lines.append(
+            f"  machine: {m['cpus']} CPUs, load average {m['loadavg_before']:.1f} at start, "
+            f"{m['loadavg_after']:.1f} at end; whole run {summary['wall_s_total']:.0f} s"
+        )
     a_in, a_idle = a["step_ms_p99_in_flight"], a["step_ms_p99_idle"]
     notes = [
         f"  step times exclude the first {c['warmup_steps']} warm-up steps; β is per window of "
@@ -678,7 +851,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"(max |Δ| {_f(a['outputs_max_abs_diff'], '{:.1e}')}) and weights bitwise on every rank",
     ]
     if a_in is not None and a_idle:
-        notes.append(f"  eplbd p99 in flight is {100 * (a_in / a_idle - 1):+.1f}% of p99 idle")
+        d = 100 * (a_in / a_idle - 1)
+        notes.append(
+            f"  eplbd: p99 step time with a plan in flight is {abs(d):.1f}% "
+            f"{'above' if d > 0 else 'below'} p99 with none (target: within 10%)"
+        )
     if s:
         notes.append(
             f"  stop-the-world: the forward thread paused up to {s['pause_ms_max']:.0f} ms "
@@ -748,6 +925,16 @@ def _int_range(lo: int, hi: int) -> Any:
     return parse
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return v
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     d = DemoSpec()
     p.add_argument("--ranks", type=_int_range(2, 8), default=d.ranks, help=f"EP ranks (default {d.ranks})")
@@ -775,6 +962,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=d.max_staged,
         help="client staging pool in experts per rank; 0 (default) = layers x slots, a whole plan",
     )
+    p.add_argument(
+        "--shift-at",
+        type=_fraction,
+        default=d.shift_at,
+        help=f"fraction of the steps after which the hot spot jumps (1: never; default {d.shift_at})",
+    )
     p.add_argument("--seed", type=_int_range(0, 2**31 - 1), default=d.seed, help="model and routing seed")
     p.add_argument(
         "--hidden", type=_int_range(4, 4096), default=d.hidden, help=f"expert width d (default {d.hidden})"
@@ -789,6 +982,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress")
     p.add_argument("--plot", metavar="PNG", help="draw β and step time over the steps of both modes into PNG")
     p.add_argument("--quiet", "-q", action="store_true", help="no live progress")
+    # Fault injection for the tests (a rank raises or dies at a step): not for users.
+    p.add_argument("--fail-at", default="", help=argparse.SUPPRESS)
 
 
 def _spec_from_args(args: argparse.Namespace) -> DemoSpec:
@@ -798,12 +993,18 @@ def _spec_from_args(args: argparse.Namespace) -> DemoSpec:
         sync_interval=args.sync_interval,
         plan_every=args.plan_every,
         max_staged=args.max_staged,
+        shift_at=args.shift_at,
         seed=args.seed,
         hidden=args.hidden,
         ffn=args.ffn,
         tokens=args.tokens,
         progress=not (args.quiet or args.json),
+        fail_at=args.fail_at,
     )
+    if spec.fail_at:
+        r, _, _ = _parse_fail(spec.fail_at)
+        if r >= spec.ranks:
+            raise ValueError(f"--fail-at rank {r} is not below --ranks {spec.ranks}")
     if spec.steps < 4 * spec.sync_interval:
         raise ValueError(
             f"--steps ({spec.steps}) must be at least 4 x --sync-interval ({spec.sync_interval}): "
@@ -840,11 +1041,12 @@ def run_cli(args: argparse.Namespace) -> int:
     human = not args.json
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if human and not args.quiet else None
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]  # the figures depend on what else the machine runs
     try:
         with _terminate_as_exception():
             results = run_demo(spec, stw=not args.no_stw, log=say)
     except DemoError as e:
-        err(str(e))
+        err(f"{e}\n(daemon stopped, ranks ended, shm removed)")
         return 1
     except KeyboardInterrupt:
         err("interrupted; daemon stopped, ranks ended, shm removed")
@@ -854,6 +1056,11 @@ def run_cli(args: argparse.Namespace) -> int:
         return 143
     summary = summarize(spec, results)
     summary["wall_s_total"] = time.perf_counter() - t0
+    summary["machine"] = {
+        "cpus": os.cpu_count(),
+        "loadavg_before": load0,
+        "loadavg_after": os.getloadavg()[0],
+    }
     if args.plot:
         try:
             plot(spec, results, args.plot)

@@ -118,7 +118,11 @@ def log2phy_compact(phy2log: np.ndarray) -> np.ndarray:
     With ``replica_count`` this is log2phy in CSR form: expert e's replicas are
     ``out[l, off[e]:off[e] + rc[l, e]]`` with ``off = cumsum(rc) - rc``.
     """
-    return np.argsort(phy2log, axis=1, kind="stable").astype(np.int32)
+    a = np.asarray(phy2log)
+    # Expert ids < 32768 fit int16, whose stable sort is numpy's radix sort (~10x faster).
+    if a.size and a.min() >= 0 and a.max() < 32768:
+        a = a.astype(np.int16)
+    return np.argsort(a, axis=1, kind="stable").astype(np.int32)
 
 
 def log2phy_padded(phy2log: np.ndarray, g: Geometry, width: int | None = None) -> np.ndarray:

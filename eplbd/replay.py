@@ -2,8 +2,9 @@
 
 At window t the β of that window is measured under the placement in force.
 Every ``interval`` windows (t = I, 2I, ...) a plan is made *before* window t is
-measured, from the forecast of windows [t - history, t): the window being
-measured is never seen by the plan that serves it. The first placement is the
+measured, from windows [t - history, t) by :func:`eplbd.policy.propose` (the
+daemon's pipeline: forecast, policy, β gate): the window being measured is
+never seen by the plan that serves it. The first placement is the
 engine default (slot p holds expert p mod E), which is also the static baseline.
 
 Summary figures (held-out windows = t >= the first plan window, or all windows
@@ -28,15 +29,15 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
-from eplbd.forecast import DEFAULT_METHOD, METHODS, forecast
+from eplbd.forecast import METHODS
 from eplbd.geometry import Geometry
 from eplbd.placement import count_moves, default_phy2log, peak_lower_bound, rank_loads
-from eplbd.policy import DEFAULT_POLICY, POLICIES, rebalance, suggest_slack
+from eplbd.policy import DEFAULT_POLICY, POLICIES, gate, propose
+from eplbd.policy.pipeline import DEFAULT_FORECAST, DEFAULT_FORECAST_ALPHA, DEFAULT_MIN_GAIN
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace
 
 __all__ = ["TraceError", "ReplayResult", "validate_trace", "replay", "configure_parser", "run_cli"]
@@ -131,15 +132,22 @@ def replay(
     policy: str = DEFAULT_POLICY,
     interval: int = 10,
     history: int = 10,
-    forecast_method: str = DEFAULT_METHOD,
+    forecast_method: str = DEFAULT_FORECAST,
     options: dict[str, Any] | None = None,
     adaptive: bool = True,
+    min_gain: float = DEFAULT_MIN_GAIN,
+    max_moves: int = 0,
+    forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
 ) -> ReplayResult:
     """Replay ``trace`` [T, L, E] on geometry ``g`` (L, E must match); see the module docstring.
 
-    With ``adaptive`` (default) and policy moveaware, each plan's ``slack`` comes
-    from :func:`eplbd.policy.suggest_slack` on its history windows, unless
-    ``options`` sets it.
+    Each plan is :func:`eplbd.policy.propose` on the history windows, published
+    under the daemon's rule :func:`eplbd.policy.gate` (``min_gain``,
+    ``max_moves``; defaults = the daemon's config defaults), exactly as the
+    daemon decides. With ``adaptive`` (default) and policy moveaware, each
+    plan's ``slack`` comes from :func:`eplbd.policy.suggest_slack` on its
+    history windows, unless ``options`` sets it. A plan the gate skips counts
+    as a plan with no moves.
     """
     a = validate_trace(trace)
     T, L, E = a.shape
@@ -149,6 +157,8 @@ def replay(
         raise ValueError(f"interval ({interval}) and history ({history}) must be >= 1")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    if forecast_method not in METHODS:
+        raise ValueError(f"unknown forecast {forecast_method!r}; choose one of {list(METHODS)}")
     opts = dict(options or {})
     static = default_phy2log(g)
     cur = static.copy()
@@ -158,22 +168,19 @@ def replay(
                        *(np.empty(0) for _ in range(4)), [], [], [], [], [], [], [])  # fmt: skip
     for t in range(T):
         if t > 0 and t % interval == 0:
-            t0 = time.perf_counter()
-            f = forecast(a[max(0, t - history) : t], forecast_method)
-            t1 = time.perf_counter()
-            o = opts
-            if adaptive and policy == "moveaware" and "slack" not in opts:
-                o = {**opts, "slack": suggest_slack(a[max(0, t - history) : t], cur, g)}
-            new = rebalance(f, cur, g, policy, **o)
-            t2 = time.perf_counter()
+            prop = propose(a[max(0, t - history) : t], cur, g, policy=policy, forecast=forecast_method,
+                           forecast_alpha=forecast_alpha, options=opts, adaptive=adaptive)  # fmt: skip
+            new = prop.phy2log
             mv = count_moves(cur, new, g)
+            if gate(prop, mv.total, min_gain, max_moves):
+                new, mv = cur, count_moves(cur, cur, g)
             res.plan_windows.append(t)
             res.moves_remote.append(mv.remote)
             res.moves_cross_node.append(mv.cross_node)
             res.moves_local.append(mv.local)
             res.layers_changed.append(int((new != cur).any(axis=1).sum()))
-            res.plan_ms.append((t2 - t1) * 1e3)
-            res.forecast_ms.append((t1 - t0) * 1e3)
+            res.plan_ms.append(prop.policy_ms)
+            res.forecast_ms.append(prop.forecast_ms)
             cur = new
         stats[t] = _window_stats(a[t], cur, g)
         stats_static[t] = _window_stats(a[t], static, g)[0]
@@ -223,7 +230,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES), help="placement policy")
     p.add_argument("--interval", type=int, default=10, help="plan every I windows (default 10)")
     p.add_argument("--history", type=int, default=10, help="plan from the last W windows (default 10)")
-    p.add_argument("--forecast", default=DEFAULT_METHOD, choices=list(METHODS), help="forecast method")
+    p.add_argument("--forecast", default=DEFAULT_FORECAST, choices=list(METHODS),
+                   help=f"forecast method (default {DEFAULT_FORECAST}, as the daemon)")  # fmt: skip
+    p.add_argument("--forecast-alpha", type=float, default=DEFAULT_FORECAST_ALPHA,
+                   help="smoothing of the ema/share_ema/trend forecasts (default %(default)s)")  # fmt: skip
+    p.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN,
+                   help="the daemon's publish gate: skip a plan whose predicted β gain is below this "
+                   "(default %(default)s, the daemon's)")  # fmt: skip
+    p.add_argument("--max-moves", type=int, default=0,
+                   help="the daemon's max_moves_per_plan: skip a plan changing more slots (0: no limit)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option min_gain=0.02")  # fmt: skip
     p.add_argument("--fixed-slack", action="store_true",
@@ -285,7 +300,8 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
         res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
-                     adaptive=not args.fixed_slack)  # fmt: skip
+                     adaptive=not args.fixed_slack, min_gain=args.min_gain, max_moves=args.max_moves,
+                     forecast_alpha=args.forecast_alpha)  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options
         print(f"eplbd replay: error: {e}", file=sys.stderr)
         return 2

@@ -110,3 +110,24 @@ def test_tiny_moe_single_rank_matches_reference() -> None:
     assert rec.acc.sum().item() == 2 * 32 * 2  # L * T * top_k
     assert m.weight_mismatches() == [] and m.tables_consistent()
     assert np.array_equal(m.phy2log, default_phy2log(g))
+
+
+def test_client_config_from_env() -> None:
+    from eplbd_client import ClientConfig
+
+    env = {
+        "EPLBD_CLIENT_SYNC_INTERVAL": "8",
+        "EPLBD_CLIENT_MODE": "stw",
+        "EPLBD_CLIENT_MAX_STAGED_EXPERTS": "none",
+        "EPLBD_CLIENT_P2P_TIMEOUT_S": "2.5",
+        "EPLBD_CLIENT_SHM_MODE": "0o640",
+        "EPLBD_CLIENT_UNLINK_ON_CLOSE": "false",
+        "EPLBD_SHM_PREFIX": "daemon.setting.ignored.",
+    }
+    c = ClientConfig.from_env(env, ranks_per_node=2)
+    assert (c.sync_interval, c.mode, c.max_staged_experts, c.p2p_timeout_s) == (8, "stw", None, 2.5)
+    assert (c.shm_mode, c.unlink_on_close, c.ranks_per_node) == (0o640, False, 2)
+    with pytest.raises(ValueError, match="EPLBD_CLIENT_SYNC_INTERVALL"):
+        ClientConfig.from_env({"EPLBD_CLIENT_SYNC_INTERVALL": "8"})
+    with pytest.raises(ValueError, match="mode"):
+        ClientConfig.from_env({"EPLBD_CLIENT_MODE": "fast"})

@@ -35,15 +35,21 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     model = TinyMoE(G, rank, tokens=spec.get("tokens", 64), seed=1)
+    model.keep_history = rank == 0
     cfg = ClientConfig(**spec.get("config", {}))
-    if spec.get("break_rank") == rank:  # fault injection: this rank's transfers hang
+    if spec.get("break_rank") == rank:  # fault injection: this rank's transfer hangs
         import eplbd_client.transfer as T
 
-        def hang(self: Any) -> None:
-            self.abort_event.wait(30)
-            self.done_event.set()
+        from_layer = spec.get("break_from", 0)
+        orig = T.PlanTransfer.transfer_layer
 
-        T.PlanTransfer.run = hang  # type: ignore[method-assign]
+        def stuck(self: Any, j: int) -> Any:
+            if j >= from_layer:
+                self.abort_event.wait(30)  # until every rank agreed to abort
+                raise T.TransferError(C.ERR_TRANSFER, "injected hang")
+            return orig(self, j)
+
+        T.PlanTransfer.transfer_layer = stuck  # type: ignore[method-assign]
     client = EplbClient(model, G, spec["domain"], config=cfg)
     go = spec.get("go")
     if go is not None:
@@ -85,6 +91,17 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         time.sleep(0.05)  # let the publisher thread finish its queue
         ep, p2l = client._dom_poll.read_placement()
         out["shm_placement"] = (ep, p2l.copy())
+        if rank == 0:
+            # Every window in the ring must hold exactly the logical tokens routed in its
+            # steps, whatever placement was in force (windows straddle commits).
+            bad = []
+            wins = client._dom_poll.read_windows(64)
+            for w in wins:
+                want = sum(model.logical_by_step[s] for s in range(w.step_begin, w.step_end))
+                if not np.array_equal(w.loads, want):
+                    bad.append(w.window_id)
+            out["windows_checked"], out["windows_bad"] = len(wins), bad
+            out["window_epochs"] = sorted({int(w.epoch) for w in wins})
     client.close()
     del torch
     return out
@@ -126,6 +143,7 @@ def check_consistent(res: list[dict[str, Any]]) -> None:
             assert r["stats"][k] == res[0]["stats"][k], k
     ep, p2l = res[0]["shm_placement"]
     assert ep == res[0]["epoch"] and np.array_equal(p2l, res[0]["phy2log"])
+    assert res[0]["windows_checked"] > 0 and res[0]["windows_bad"] == [], res[0]["windows_bad"]
 
 
 @pytest.mark.parametrize("mode", ["async", "stw"])
@@ -140,6 +158,7 @@ def test_random_plans_applied_bitwise(shm_prefix: str, mode: str) -> None:
     assert res[0]["epoch"] == driver.published[-1]
     assert not np.array_equal(res[0]["phy2log"], default_phy2log(G))
     assert [s.state for s in driver.statuses] == [PLAN_COMMITTED] * 3
+    assert len(res[0]["window_epochs"]) >= 2  # the checked windows span placements
     assert res[0]["commits"] > 0
 
 
@@ -294,3 +313,121 @@ def test_log2phy_compact_matches_plan_tables() -> None:
     new = rebalance(rng.gamma(0.5, 1.0, (G.num_layers, G.num_experts)), None, G, policy="greedy")
     plan = build_plan(1, 0, default_phy2log(G), new, G)
     assert np.array_equal(plan.log2phy, log2phy_compact(new))
+
+
+def test_abort_after_partial_commit_keeps_committed_layers(shm_prefix: str) -> None:
+    """Rank 1 hangs from the second changed layer on: the first layer commits everywhere,
+    then peers time out and all ranks abort. Committed layers stay, the others keep the old
+    placement, the epoch is the partial epoch, and weights match the mixed placement."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=1, source="random", seed=6)
+    spec = {
+        "domain": name,
+        "config": {
+            "sync_interval": 2,
+            "p2p_timeout_s": 1.0,
+            "max_staged_experts": 6,
+            "plan_timeout_syncs": 200,
+        },
+        "commits": 0,
+        "aborts": 1,
+        "break_rank": 1,
+        "break_from": 1,
+    }
+    res = run(spec, driver)
+    check_consistent(res)
+    s = res[0]["stats"]
+    # Peers' p2p timeout or, on a fast machine, the plan's sync timeout fires first.
+    assert s["plans_aborted"] == 1 and s["layers_committed"] == 1
+    assert s["last_error"] in (C.ERR_TRANSFER, C.ERR_TIMEOUT)
+    pid = driver.published[0]
+    assert res[0]["epoch"] == C.partial_epoch(pid, 1)
+    old = default_phy2log(G)
+    changed = np.flatnonzero((res[0]["phy2log"] != old).any(axis=1))
+    assert len(changed) == 1  # exactly the first changed layer of the plan
+    assert driver.statuses and driver.statuses[0].layers_committed == 1
+
+
+def test_stale_base_epoch_rejected_then_next_plan_applied(shm_prefix: str) -> None:
+    name = shm_prefix + "job.m0"
+
+    def stale_first(i: int, plan: Plan) -> Plan:
+        if i:
+            return plan
+        return Plan(
+            plan.plan_id, 12345, plan.phy2log, plan.log2phy, plan.replica_count, plan.op_indptr, plan.ops
+        )
+
+    driver = PlanDriver(name, G, plans=2, source="random", seed=8, mutate=stale_first)
+    spec = {"domain": name, "config": {"sync_interval": 2}, "commits": 1, "rejects": 1}
+    res = run(spec, driver)
+    check_consistent(res)
+    hist = [(e, p) for e, p, _ in res[0]["stats"]["history"]]
+    first, second = driver.published
+    assert hist == [("reject", first), ("start", second), ("commit", second)]
+    assert driver.statuses[0].state == PLAN_REJECTED and driver.statuses[0].error == C.ERR_STALE_BASE
+
+
+def _create_failure_rank(rank: int, world: int, name: str) -> None:
+    model = TinyMoE(G, rank)
+    EplbClient(model, G, name)
+
+
+def test_domain_create_failure_raises_on_every_rank(shm_prefix: str) -> None:
+    """The segment exists with a live owner (this process): the leader cannot create it and
+    every rank raises instead of hanging."""
+    name = shm_prefix + "job.m0"
+    squatter = Domain.create(name, G)
+    try:
+        with pytest.raises(RuntimeError) as ei:
+            launch(_create_failure_rank, WORLD, name, timeout=60)
+        msg = str(ei.value)
+        assert msg.count("RuntimeError: eplbd_client: node leader rank 0 could not create") == WORLD, msg
+    finally:
+        squatter.unlink()
+        squatter.close()
+
+
+def test_two_node_domains_agree(shm_prefix: str) -> None:
+    """Ranks 0-1 on 'node 0', 2-3 on 'node 1' (ranks_per_node=2): two leaders, two domains,
+    each with the global windows; the same plan in both is applied everywhere."""
+    tmpl = shm_prefix + "job.n{node}"
+    driver = PlanDriver(
+        tmpl.format(node=0), G, plans=2, source="windows", seed=1, mirrors=[tmpl.format(node=1)]
+    )
+    spec = {"domain": tmpl, "config": {"sync_interval": 2, "ranks_per_node": 2}, "commits": 2}
+    res = run(spec, driver)
+    check_consistent(res)
+    ep, p2l = res[2]["shm_placement"]
+    assert ep == res[0]["epoch"] and np.array_equal(p2l, res[0]["phy2log"])
+    assert "shm_placement" not in res[1] and "shm_placement" not in res[3]
+
+
+def test_two_node_domains_hash_mismatch_rejected(shm_prefix: str) -> None:
+    """Node 1's domain gets a different plan under the same id: every rank rejects it."""
+    from eplbd.planner import build_plan
+
+    tmpl = shm_prefix + "job.n{node}"
+
+    def other(i: int, plan: Plan) -> Plan:
+        if i:
+            return plan
+        new = plan.phy2log.copy()
+        new[0] = np.roll(default_phy2log(G)[0], 6)
+        return build_plan(plan.plan_id, plan.base_epoch, default_phy2log(G), new, G)
+
+    driver = PlanDriver(
+        tmpl.format(node=0),
+        G,
+        plans=2,
+        source="random",
+        seed=2,
+        mirrors=[tmpl.format(node=1)],
+        mirror_mutate=other,
+    )
+    spec = {"domain": tmpl, "config": {"sync_interval": 2, "ranks_per_node": 2}, "commits": 1, "rejects": 1}
+    res = run(spec, driver)
+    check_consistent(res)
+    hist = [(e, p) for e, p, _ in res[0]["stats"]["history"]]
+    assert hist[0] == ("reject", driver.published[0]) and ("commit", driver.published[1]) in hist
+    assert driver.statuses[0].error == C.ERR_HASH_MISMATCH

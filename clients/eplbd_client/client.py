@@ -49,7 +49,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -122,6 +122,40 @@ class ClientConfig:
         for k in ("p2p_timeout_s", "gather_timeout_s"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be > 0")
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, prefix: str = "EPLBD_CLIENT_", **overrides: Any
+    ) -> ClientConfig:
+        """Settings from ``<prefix><FIELD>`` variables (e.g. ``EPLBD_CLIENT_SYNC_INTERVAL=8``),
+        then ``overrides``. Unknown ``<prefix>*`` names raise ValueError naming them."""
+        env = os.environ if env is None else env
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name, text in env.items():
+            if not name.startswith(prefix):
+                continue
+            key = name[len(prefix) :].lower()
+            if key not in fields:
+                raise ValueError(f"{name}: unknown client setting (known: {', '.join(fields)})")
+            t = str(fields[key].type)
+            try:
+                if key == "shm_mode":
+                    values[key] = int(text, 0)
+                elif t == "int | None" and text.strip().lower() in ("", "none"):
+                    values[key] = None
+                elif t.startswith("int"):
+                    values[key] = int(text)
+                elif t == "float":
+                    values[key] = float(text)
+                elif t == "bool":
+                    values[key] = text.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[key] = text
+            except ValueError:
+                raise ValueError(f"{name}: cannot parse {text!r} as {t}") from None
+        values.update(overrides)
+        return cls(**values)
 
 
 @dataclasses.dataclass
@@ -246,10 +280,12 @@ class EplbClient:
             if comm_device.type == "cpu"
             else self.dev.pinned_empty((self.world * width,), torch.int64)
         )
+        # Numpy views made once (a .numpy() call per sync costs microseconds).
+        self._host_mat = self._host_recv.numpy().reshape(self.world, width)
         self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
         self._words_t = torch.from_numpy(self._words_np)
         if self._comm_same_device:
-            self.recorder.rebind(self._sends[0][: self._ls].view(L, S))
+            self.recorder.use_buffers([b[: self._ls].view(L, S) for b in self._sends])
         self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray]] | None = None
@@ -262,23 +298,40 @@ class EplbClient:
             ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
             transfer_group = dist.new_group(ranks=ranks, backend=backend)
         self.transfer_group = transfer_group
+        # One collective with every rank first: NCCL sets a communicator up lazily and
+        # wants all ranks in its first call, which a p2p round never is.
+        dist.all_reduce(torch.zeros(1, device=comm_device), group=transfer_group)
 
-        # Shared memory: the leader creates, the others attach after a barrier.
-        pids = [None] * self.world
-        dist.all_gather_object(pids, os.getpid(), group=group)
+        # Shared memory: the leader creates, then one all-gather tells every rank
+        # its pids and whether its node's leader succeeded (so a failure raises
+        # on every rank instead of leaving the others in a barrier).
         self._dom_w: Domain | None = None
+        err = ""
         if self.is_leader:
-            self._dom_w = Domain.create(
-                self.domain_name,
-                g,
-                ring_capacity=cfg.ring_capacity,
-                mode=cfg.shm_mode,
-                phy2log=p2l,
-                epoch=epoch,
+            try:
+                self._dom_w = Domain.create(
+                    self.domain_name,
+                    g,
+                    ring_capacity=cfg.ring_capacity,
+                    mode=cfg.shm_mode,
+                    phy2log=p2l,
+                    epoch=epoch,
+                )
+            except Exception as e:
+                err = f"{type(e).__name__}: {e}"
+        info: list[Any] = [None] * self.world
+        dist.all_gather_object(info, (os.getpid(), err), group=group)
+        failed = [(r, e) for r, (_, e) in enumerate(info) if e]
+        if failed:
+            if self._dom_w is not None:
+                self._dom_w.unlink()
+                self._dom_w.close()
+            r, e = failed[0]
+            raise RuntimeError(f"eplbd_client: node leader rank {r} could not create its shm domain: {e}")
+        if self._dom_w is not None:
+            self._dom_w.set_rank_pids(
+                [int(pid) for r, (pid, _) in enumerate(info) if r // self.rpn == self.node]
             )
-            node_pids = [int(p) for r, p in enumerate(pids) if r // self.rpn == self.node]  # type: ignore[arg-type]
-            self._dom_w.set_rank_pids(node_pids)
-        dist.barrier(group=group)
         # Separate read-only attachments per thread: the forward thread polls one
         # word, the worker reads whole plans; neither shares mmap state with writes.
         self._dom_poll = Domain.attach(self.domain_name, geometry=g)
@@ -307,6 +360,30 @@ class EplbClient:
     @property
     def active_plan(self) -> int:
         return self.state.active_id
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for logs and metrics: agreed state plus counters (cheap, forward thread)."""
+        st, s = self.state, self.stats
+        return {
+            "rank": self.rank,
+            "node": self.node,
+            "leader": self.is_leader,
+            "domain": self.domain_name,
+            "mode": self.config.mode,
+            "step": self._step,
+            "sync": s.syncs,
+            "epoch": st.epoch,
+            "active_plan": st.active_id,
+            "layers_committed_of_active": (st.committed, st.active_layers),
+            "plans_started": s.plans_started,
+            "plans_committed": s.plans_committed,
+            "plans_aborted": s.plans_aborted,
+            "plans_rejected": s.plans_rejected,
+            "last_error": C.error_name(s.last_error) if s.last_error else "",
+            "last_error_plan": s.last_error_plan,
+            "windows_published": s.windows_published,
+            "publish_errors": s.publish_errors,
+        }
 
     def request_abort(self) -> None:
         """Ask every rank to abort the plan in progress at the next decision."""
@@ -360,7 +437,7 @@ class EplbClient:
         else:
             work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
-        mat = self._host_recv.numpy().reshape(self.world, self._ls + C.NUM_WORDS)
+        mat = self._host_mat
         if self._pub is not None:
             counts = mat[:, : self._ls].copy()
             self._defer(self._pub, lambda: self._publish_window(counts, meta))
@@ -397,9 +474,12 @@ class EplbClient:
             # The other buffer fed the previous all-gather, which completed at the
             # start of this sync: it can take the next window's counts.
             self._cur ^= 1
-            nxt = self._sends[self._cur]
-            nxt[: self._ls].zero_()
-            self.recorder.rebind(nxt[: self._ls].view(self.g.num_layers, self.g.slots_per_rank))
+            nxt_np = self._send_np[self._cur]
+            if nxt_np is not None:
+                nxt_np[: self._ls] = 0  # host buffer: numpy is cheaper than a torch op
+            else:
+                self._sends[self._cur][: self._ls].zero_()
+            self.recorder.switch(self._cur)
 
     # ------------------------------------------------------------------ decisions
     def _apply(self, d: C.Decision) -> None:

@@ -140,17 +140,18 @@ class Decision(NamedTuple):
     plan_hash: int = 0  # START: the agreed hash
 
 
-def check_replicated(words: np.ndarray) -> None:
+def check_replicated(words: np.ndarray | list[list[int]]) -> None:
     """Raise AgreementError if the replicated words differ between ranks. words: [R, NUM_WORDS]."""
-    rep = words[:, : len(REPLICATED)]  # the replicated words come first: a view, no copy
-    if (rep == rep[0]).all():
+    rows = words.tolist() if isinstance(words, np.ndarray) else words
+    n = len(REPLICATED)  # the replicated words come first
+    first = rows[0][:n]
+    if all(r[:n] == first for r in rows):
         return
-    bad = (rep != rep[0]).any(axis=0)
     names = ("sync", "epoch", "active", "committed", "config")
-    which = [names[i] for i in np.flatnonzero(bad)]
+    bad = [i for i in range(n) if any(r[i] != first[i] for r in rows)]
     raise AgreementError(
-        f"ranks disagree on replicated state {which}: "
-        + "; ".join(f"{n}={rep[:, i].tolist()}" for i, n in enumerate(names) if bad[i])
+        f"ranks disagree on replicated state {[names[i] for i in bad]}: "
+        + "; ".join(f"{names[i]}={[r[i] for r in rows]}" for i in bad)
     )
 
 
@@ -160,38 +161,41 @@ def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
     ``st`` is the agreed state *now* (its ``sync`` is the current sync index);
     ``words`` were packed at the previous sync, after that sync's decision.
     Pure and deterministic: equal inputs give equal decisions on every rank.
+    Works on Python lists: for a few dozen ranks that is several times cheaper
+    than a chain of small numpy operations on the forward thread.
     """
-    check_replicated(words)
+    rows: list[list[int]] = words.tolist()
+    check_replicated(rows)
+    r0 = rows[0]
     if st.active_id >= 0:
-        if int(words[0, W_ACTIVE]) != st.active_id:
+        if r0[W_ACTIVE] != st.active_id:
             # Packed before this plan started (cannot happen: START is applied
             # before packing); treat as no information rather than guessing.
             return Decision(NONE)
-        err = words[:, W_EXEC_ERR]
-        if (err != 0).any():
-            return Decision(ABORT, st.active_id, error=int(err[np.flatnonzero(err)[0]]))
-        if (words[:, W_ABORT_REQ] != 0).any():
+        for r in rows:
+            if r[W_EXEC_ERR]:
+                return Decision(ABORT, st.active_id, error=r[W_EXEC_ERR])
+        if any(r[W_ABORT_REQ] for r in rows):
             return Decision(ABORT, st.active_id, error=ERR_ABORT_REQUESTED)
-        staged = int(words[:, W_STAGED].min())
+        staged = min(r[W_STAGED] for r in rows)
         if staged > st.committed:
             return Decision(COMMIT, st.active_id, commit_to=min(staged, st.active_layers))
         if st.sync - st.last_progress_sync >= timeout_syncs:
             return Decision(ABORT, st.active_id, error=ERR_TIMEOUT)
         return Decision(NONE)
 
-    x = int(words[0, W_CAND_ID])
+    x = r0[W_CAND_ID]
     if x <= st.last_decided_id:
-        return Decision(NONE)  # the common case: nothing new (one scalar read)
-    if (words[:, W_CAND_ID] != x).any():
+        return Decision(NONE)  # the common case: nothing new
+    if any(r[W_CAND_ID] != x for r in rows):
         return Decision(NONE)  # not every rank has read the same plan yet
-    status = words[:, W_CAND_STATUS]
-    errs = status[status >= 16]
-    if errs.size:
-        return Decision(REJECT, x, error=int(errs[0]))
-    if (words[:, W_CAND_HASH] != words[0, W_CAND_HASH]).any():
+    for r in rows:
+        if r[W_CAND_STATUS] >= 16:
+            return Decision(REJECT, x, error=r[W_CAND_STATUS])
+    if any(r[W_CAND_HASH] != r0[W_CAND_HASH] for r in rows):
         return Decision(REJECT, x, error=ERR_HASH_MISMATCH)
-    if int(words[0, W_CAND_BASE]) != st.epoch:
+    if r0[W_CAND_BASE] != st.epoch:
         return Decision(REJECT, x, error=ERR_STALE_BASE)
-    if (status == CAND_OK).all():
-        return Decision(START, x, plan_hash=int(words[0, W_CAND_HASH]))
+    if all(r[W_CAND_STATUS] == CAND_OK for r in rows):
+        return Decision(START, x, plan_hash=r0[W_CAND_HASH])
     return Decision(NONE)  # some rank still validating (or re-validating for this epoch)

@@ -35,7 +35,8 @@ class ExpertHost(Protocol):
       routing tables of one layer, after the client copied the layer's new
       experts into their slots. Arrays are host numpy int32:
       ``phy2log_row`` [P] (logical expert of every physical slot),
-      ``log2phy`` [E, K] (the replicas' physical slots, -1 padded, ascending),
+      ``log2phy`` [E, K] (the replicas' physical slots, -1 padded, ascending;
+      K = ``Geometry.max_replicas``, pad or slice if the engine's table differs),
       ``replica_count`` [E]. The host must copy them into its own tables in
       place (tables captured by graphs must keep their storage). Called on the
       forward thread, never concurrently with a forward step.

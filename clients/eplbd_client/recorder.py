@@ -30,19 +30,25 @@ class LoadRecorder:
         """Add ``counts`` [L, S] at once (engines that count all layers together)."""
         self.acc.add_(counts)
 
-    def rebind(self, acc: torch.Tensor) -> None:
-        """Accumulate into ``acc`` [L, S] int64 from now on (it must be zeroed by the caller).
+    def use_buffers(self, accs: list[torch.Tensor]) -> None:
+        """Accumulate into ``accs[i]`` (each [L, S] int64) after :meth:`switch` ``(i)``.
 
         The client points the recorder straight at the counts part of the
-        all-gather's send buffer and alternates two buffers, so a sync costs
-        one ``zero_`` instead of a copy and a ``zero_``.
+        all-gather's send buffers and alternates between two, so a sync costs
+        one ``zero_`` instead of a copy and a ``zero_``. Row views are made
+        here, once.
         """
-        if acc.shape != self.acc.shape or acc.dtype != torch.int64:
-            raise ValueError(
-                f"rebind: need int64 {tuple(self.acc.shape)}, got {acc.dtype} {tuple(acc.shape)}"
-            )
-        self.acc = acc
-        self._rows = list(acc.unbind(0))
+        for a in accs:
+            if a.shape != self.acc.shape or a.dtype != torch.int64:
+                raise ValueError(
+                    f"need int64 {tuple(self.acc.shape)} buffers, got {a.dtype} {tuple(a.shape)}"
+                )
+        self._bufs = [(a, list(a.unbind(0))) for a in accs]
+        self.switch(0)
+
+    def switch(self, i: int) -> None:
+        """Accumulate into buffer ``i`` of :meth:`use_buffers` from now on (zeroed by the caller)."""
+        self.acc, self._rows = self._bufs[i]
 
     def drain_into(self, out: torch.Tensor) -> None:
         """Copy the accumulator into ``out`` [L*S] (flat) and zero it; queued, no host sync

@@ -79,6 +79,8 @@ class TinyMoE:
         # Measurements: tokens this rank's slots got per layer, and logical loads.
         self.rank_tokens = np.zeros(L, dtype=np.int64)
         self.logical_tokens = np.zeros((L, E), dtype=np.int64)
+        self.logical_by_step: dict[int, np.ndarray] = {}  # step -> [L, E] routed tokens (if keep_history)
+        self.keep_history = False
         self.commits = 0
 
     # -- ExpertHost -----------------------------------------------------------
@@ -135,6 +137,7 @@ class TinyMoE:
         T = self.tokens
         tok = torch.arange(T, device=self._device)[:, None].expand(T, self.top_k)
         ys = torch.zeros(self.g.num_layers, T, self.d, device=self._device)
+        before = self.logical_tokens.copy() if self.keep_history else None
         for l in range(self.g.num_layers):
             ex, wt = self.route(l, step, x0)
             rep = tok % self.rc[l][ex]
@@ -158,6 +161,8 @@ class TinyMoE:
                 ts = t[sel]
                 out = torch.relu(x0[ts] @ self.w1[l][j]) @ self.w2[l][j] * w[sel][:, None]
                 ys[l].index_add_(0, ts, out)
+        if before is not None:
+            self.logical_by_step[step] = self.logical_tokens - before
         if self.distributed:
             dist.all_reduce(ys, group=self.group)
         return x0 + ys.sum(0)
@@ -330,6 +335,8 @@ class PlanDriver:
     may replace a plan before it is published (fault injection). Stops after
     ``plans`` plans or when :meth:`stop` is called. ``published`` lists the ids.
     The first plan waits for window ``first_window`` (default ``gap_windows``).
+    ``mirrors``: more domains (other nodes' in a multi-node test) that get the
+    same plan (or ``mirror_mutate(i, plan)``) right after the main one.
     """
 
     def __init__(
@@ -344,10 +351,13 @@ class PlanDriver:
         mutate: Callable[[int, Any], Any] | None = None,
         timeout: float = 60.0,
         first_window: int | None = None,
+        mirrors: Sequence[str] = (),
+        mirror_mutate: Callable[[int, Any], Any] | None = None,
     ) -> None:
         self.name, self.g, self.plans, self.source = name, g, plans, source
         self.gap, self.mutate, self.timeout = gap_windows, mutate, timeout
         self.first_window = gap_windows if first_window is None else first_window
+        self.mirrors, self.mirror_mutate = list(mirrors), mirror_mutate
         self.rng = np.random.default_rng(seed)
         self.published: list[int] = []
         self.statuses: list[Any] = []
@@ -380,6 +390,16 @@ class PlanDriver:
                 dom = Domain.attach(self.name, writable=True)
             except Exception:
                 _time.sleep(0.01)
+        others = []
+        for m in self.mirrors:
+            while True:
+                try:
+                    others.append(Domain.attach(m, writable=True))
+                    break
+                except Exception:
+                    if self._stop.is_set() or _time.monotonic() > deadline:
+                        raise
+                    _time.sleep(0.01)
         try:
             next_wid = self.first_window
             while len(self.published) < self.plans and not self._stop.is_set():
@@ -406,9 +426,12 @@ class PlanDriver:
                     next_wid = wid + 1
                     continue
                 plan = build_plan(wid, epoch, p2l, new, self.g)
+                i = len(self.published)
                 if self.mutate is not None:
-                    plan = self.mutate(len(self.published), plan)
+                    plan = self.mutate(i, plan)
                 dom.publish_plan(plan)
+                for o in others:
+                    o.publish_plan(plan if self.mirror_mutate is None else self.mirror_mutate(i, plan))
                 self.published.append(wid)
                 next_wid = wid + self.gap
             # Record the last status too.
@@ -422,3 +445,5 @@ class PlanDriver:
                 _time.sleep(0.002)
         finally:
             dom.close()
+            for o in others:
+                o.close()

@@ -25,6 +25,14 @@ Stop-the-world mode uses the same layer routine synchronously
 Live weights are only read here; they are written only by commit, and a layer
 commits only after every rank staged it, i.e. after every send of that layer
 completed, so reads never race with writes.
+
+Backends. With gloo the p2p runs on host tensors (weights on the CPU) and every
+wait is bounded by ``p2p_timeout_s``. With NCCL (or HCCL) the transfer group is
+a second communicator driven from another thread than the forward's
+collectives; waits are stream-ordered and bounded by the group's own timeout.
+NCCL documents that concurrent communicators may deadlock if their kernels
+cannot be co-scheduled; engines that see this should give the transfer group
+its own (smaller) channel/CTA budget or fall back to ``mode="stw"``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Placement policies: (loads, placement in force, geometry) -> new placement. Pure numpy.
 
-The stable entry point is :func:`rebalance`::
+The stable entry points are :func:`rebalance` (one policy call) and
+:func:`propose` (:mod:`eplbd.policy.pipeline`: forecast + policy + β, what the
+daemon and ``eplbd replay`` both run)::
 
     phy2log = rebalance(loads, current, geometry, policy="moveaware", **options)
 
@@ -34,6 +36,9 @@ from eplbd.policy.moveaware import DEFAULTS as MOVEAWARE_DEFAULTS
 from eplbd.policy.moveaware import moveaware
 
 __all__ = [
+    "Proposal",
+    "propose",
+    "gate",
     "POLICIES",
     "DEFAULT_POLICY",
     "rebalance",
@@ -116,3 +121,7 @@ def suggest_slack(windows: np.ndarray, current: np.ndarray, geometry: Geometry) 
         return NO_ESTIMATE_SLACK
     dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
     return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))
+
+
+# The pipeline calls rebalance/suggest_slack; imported last so they exist when it loads.
+from eplbd.policy.pipeline import Proposal, gate, propose  # noqa: E402

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "take_rows",
+    "stable_argsort",
     "replicate",
     "lpt_pack",
     "slot_shares",
@@ -27,6 +29,39 @@ __all__ = [
     "adjust_counts",
     "align_to",
 ]
+
+
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(a, idx, axis=1)`` for 2-D ``a`` [B, n] and ``idx`` [B, k], ~3x faster.
+
+    One flat ``np.take`` instead of numpy's broadcast fancy indexing (this is
+    called a few dozen times per plan on [58, 288] arrays).
+    """
+    B, n = a.shape
+    off = np.arange(0, B * n, n, dtype=np.int64)[:, None]
+    return np.take(a.reshape(-1), idx + off)
+
+
+def stable_argsort(x: np.ndarray) -> np.ndarray:
+    """``np.argsort(x, axis=-1, kind="stable")`` for a 2-D array, several times faster.
+
+    numpy's stable sort of floats (or of ints wider than 16 bits) is a
+    timsort/mergesort, ~10x slower than its quicksort on rows of a few hundred.
+    Here a quicksort groups equal values, then the ties are put in index order
+    by a radix sort (numpy's stable sort of 16-bit keys) on ``group * n +
+    index``, which needs n * n <= 65536: rows of up to 256. The result is
+    exactly the stable order; longer rows fall back to the stable sort.
+    """
+    B, n = x.shape
+    if n > 256 or n < 2:
+        return np.argsort(x, axis=1, kind="stable")
+    order = np.argsort(x, axis=1)
+    v = take_rows(x, order)
+    grp = np.empty((B, n), dtype=np.uint16)
+    grp[:, 0] = 0
+    np.cumsum(v[:, 1:] != v[:, :-1], axis=1, out=grp[:, 1:])
+    key = grp * np.uint16(n) + order.astype(np.uint16)
+    return take_rows(order, np.argsort(key, axis=1, kind="stable"))
 
 
 def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
@@ -49,10 +84,10 @@ def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     # on those columns, then check that every increment taken beat the heaviest
     # expert left out (strictly, so ties resolve as the full loop would).
     if extra < m:
-        srt = np.argsort(-w, axis=1, kind="stable")
+        srt = stable_argsort(-w)
         top = np.sort(srt[:, :extra], axis=1)
-        ct, low = _increments(np.take_along_axis(w, top, axis=1), extra, cap)
-        out_max = np.take_along_axis(w, srt[:, extra : extra + 1], axis=1)[:, 0]
+        ct, low = _increments(take_rows(w, top), extra, cap)
+        out_max = take_rows(w, srt[:, extra : extra + 1])[:, 0]
         if (low > out_max).all():
             np.put_along_axis(counts, top, ct, axis=1)
             return counts
@@ -85,36 +120,43 @@ def lpt_pack(
     the least loaded bin that still has room and does not hold that expert
     (ties: lowest bin). Returns (bin [B, n], pos [B, n]): the bin of each item
     and its position within the bin, both int64. If every open bin already holds
-    the expert the item goes to the least loaded open bin and the caller must
-    run :func:`repair_duplicates`.
+    the expert the item goes to an open bin anyway and the caller must run
+    :func:`repair_duplicates`.
+
+    The replicas of one expert must be adjacent in ``item_e`` with equal
+    weights (as :func:`eplbd.policy.greedy` builds them): the stable sort then
+    keeps them adjacent, so "this bin holds the expert" is just "this bin took
+    the previous item of the same expert", and no [B, bins, E] table is needed.
     """
     B, n = item_w.shape
     if n != num_bins * cap:
         raise ValueError(f"lpt_pack: {n} items != {num_bins} bins x {cap}")
-    order = np.argsort(-item_w, axis=1, kind="stable")
-    ar = np.arange(B)
-    load = np.zeros((B, num_bins))
-    fill = np.zeros((B, num_bins), dtype=np.int64)
-    holds = np.zeros((B, num_bins, num_experts), dtype=bool)
-    bin_of = np.empty((B, n), dtype=np.int64)
-    pos_of = np.empty((B, n), dtype=np.int64)
-    w_sorted = np.take_along_axis(item_w, order, axis=1)
-    e_sorted = np.take_along_axis(item_e, order, axis=1)
+    order = stable_argsort(-item_w)
+    w_sorted = take_rows(item_w, order)
+    e_sorted = take_rows(item_e, order)
+    off = np.arange(B, dtype=np.int64) * num_bins
+    score = np.zeros(B * num_bins)  # bin load; +inf once the bin is full
+    fill = np.zeros(B * num_bins, dtype=np.int64)
+    last = np.full((B, num_bins), -1, dtype=np.int64)  # expert of the last item each bin took
+    # A bin holding the current expert scores above every open bin (but below
+    # full ones): picked only when no other open bin is left (repaired later).
+    big = 4.0 * float(np.abs(item_w).sum(axis=1).max(initial=0.0)) + 1.0
+    bin_pos = np.empty((B, n), dtype=np.int64)  # bin of the j-th heaviest item
+    pos_sorted = np.empty((B, n), dtype=np.int64)
+    sc2 = score.reshape(B, num_bins)
     for j in range(n):
         e = e_sorted[:, j]
-        full = fill >= cap
-        score = np.where(full | holds[ar, :, e], np.inf, load)
-        b = np.argmin(score, axis=1)
-        # Fallback when all open bins hold e: least loaded open bin (repaired later).
-        stuck = np.isinf(score[ar, b])
-        if stuck.any():
-            b = np.where(stuck, np.argmin(np.where(full, np.inf, load), axis=1), b)
-        o = order[:, j]
-        bin_of[ar, o] = b
-        pos_of[ar, o] = fill[ar, b]
-        load[ar, b] += w_sorted[:, j]
-        fill[ar, b] += 1
-        holds[ar, b, e] = True
+        b = np.argmin(sc2 + (last == e[:, None]) * big, axis=1)
+        fb = off + b
+        bin_pos[:, j] = b
+        pos_sorted[:, j] = fill[fb]
+        fill[fb] += 1
+        score[fb] = np.where(fill[fb] >= cap, np.inf, score[fb] + w_sorted[:, j])
+        last.ravel()[fb] = e
+    bin_of = np.empty((B, n), dtype=np.int64)
+    pos_of = np.empty((B, n), dtype=np.int64)
+    np.put_along_axis(bin_of, order, bin_pos, axis=1)
+    np.put_along_axis(pos_of, order, pos_sorted, axis=1)
     return bin_of, pos_of
 
 
@@ -124,7 +166,7 @@ def slot_shares(w: np.ndarray, phy2log: np.ndarray, num_experts: int) -> tuple[n
     flat = (phy2log.astype(np.int64) + (np.arange(B, dtype=np.int64) * num_experts)[:, None]).ravel()
     counts = np.bincount(flat, minlength=B * num_experts).reshape(B, num_experts)
     per = w / np.maximum(counts, 1)
-    return np.take_along_axis(per, phy2log.astype(np.int64), axis=1), counts
+    return take_rows(per, phy2log.astype(np.int64)), counts
 
 
 def rank_loads_of(w: np.ndarray, phy2log: np.ndarray, num_experts: int, slots_per_rank: int) -> np.ndarray:
@@ -249,7 +291,7 @@ def local_search(
         order = np.argsort(rlr, axis=1, kind="stable")
         heavy = order[:, ::-1][:, :k]  # [b, k] most loaded first
         light = order[:, :k]  # [b, k] least loaded first
-        lh = np.take_along_axis(rlr, heavy, axis=1)
+        lh = take_rows(rlr, heavy)
         # Only pairs whose heavy rank is above the floor are worth evaluating:
         # work follows the imbalance, not the model size.
         pb, pk = np.nonzero(lh > floor[rows, None])
@@ -339,8 +381,8 @@ def replica_search(
         lmax = rl[a, rmax]
         wr = w[rows]
         ex = pl[rows, rmax]  # [b, S] experts e of the peak rank
-        we = np.take_along_axis(wr, ex.astype(np.int64), axis=1)
-        ce = np.take_along_axis(cnt, ex.astype(np.int64), axis=1)
+        we = take_rows(wr, ex.astype(np.int64))
+        ce = take_rows(cnt, ex.astype(np.int64))
         de = we / (ce + 1) - we / ce  # [b, S] change on each holder of e (<= 0)
         ef = pl[rows[:, None], cand]  # [b, k, S] experts f on partner slots
         ef64 = ef.astype(np.int64)
@@ -466,9 +508,9 @@ def adjust_counts(
     k = min(E, 2 * int((c0 - 1).sum(axis=1).max(initial=0)) + 16)
     if k < E:
         prio = np.where(c0 >= 2, np.inf, w / np.maximum(c0, 1))
-        cols = np.sort(np.argsort(-prio, axis=1, kind="stable")[:, :k], axis=1)
-        w = np.take_along_axis(w, cols, axis=1)
-        c = np.take_along_axis(c0, cols, axis=1).astype(np.int64)
+        cols = np.sort(stable_argsort(-prio)[:, :k], axis=1)
+        w = take_rows(w, cols)
+        c = take_rows(c0, cols).astype(np.int64)
     else:
         c = c0.astype(np.int64, copy=True)
     ar = np.arange(B)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from eplbd.geometry import Geometry
-from eplbd.policy._common import lpt_pack, repair_duplicates, replicate
+from eplbd.policy._common import lpt_pack, repair_duplicates, replicate, take_rows
 
 __all__ = ["greedy", "hierarchical_feasible"]
 
@@ -67,8 +67,8 @@ def _place(w: np.ndarray, experts: np.ndarray, ranks: int, S: int, E: int) -> np
     idx = np.repeat(np.arange(B * m), counts.ravel())  # item -> flat (row, local expert)
     n = ranks * S
     loc = (idx % m).reshape(B, n)
-    item_e = np.take_along_axis(experts, loc, axis=1)
-    item_w = np.take_along_axis(w / counts, loc, axis=1)
+    item_e = take_rows(experts, loc)
+    item_w = take_rows(w / counts, loc)
     bin_of, pos_of = lpt_pack(item_w, item_e, ranks, S, E)
     out = np.empty((B, n), dtype=np.int64)
     np.put_along_axis(out, bin_of * S + pos_of, item_e, axis=1)
@@ -91,7 +91,7 @@ def greedy(loads: np.ndarray, g: Geometry) -> np.ndarray:
         node_groups = _pack_groups(gw, N)  # [L, N, G/N]
         # experts of each node, group by group: [L, N, E/N]
         ex = (node_groups[:, :, :, None] * epg + np.arange(epg)).reshape(L * N, E // N)
-        wn = np.take_along_axis(np.repeat(w, N, axis=0), ex, axis=1)
+        wn = take_rows(np.repeat(w, N, axis=0), ex)
         rpn = R // N
         out = _place(wn, ex, rpn, S, E).reshape(L, R * S)
     else:

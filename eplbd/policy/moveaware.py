@@ -56,6 +56,7 @@ from eplbd.policy._common import (
     replica_search,
     replicate,
     slot_shares,
+    take_rows,
 )
 
 __all__ = ["moveaware", "DEFAULTS"]
@@ -110,7 +111,7 @@ def _fill(
     free = pl < 0  # [L, R, S]
     nfree = free.sum(axis=2)
     kept = np.where(new >= 0, new, 0)  # free slots read as expert 0 with zero share
-    slot_sh = np.where(new >= 0, np.take_along_axis(share, kept.astype(np.int64), axis=1), 0.0)
+    slot_sh = np.where(new >= 0, take_rows(share, kept.astype(np.int64)), 0.0)
     rl = slot_sh.reshape(L, R, S).sum(axis=2)
     pen = node_penalty * w.sum(axis=1) / R  # [L]
     node_of = np.arange(R) // (R // N)
@@ -273,18 +274,19 @@ def _incremental(
     # Drop surplus replicas from the most loaded ranks (loads with the new shares).
     share_new = w / counts
     cur64 = cur.astype(np.int64)
-    rl = np.take_along_axis(share_new, cur64, axis=1).reshape(L, R, S).sum(axis=2)
+    rl = take_rows(share_new, cur64).reshape(L, R, S).sum(axis=2)
     rank_pos = np.empty((L, R), dtype=np.int64)  # 0 = most loaded rank
     np.put_along_axis(rank_pos, np.argsort(-rl, axis=1, kind="stable"), np.arange(R)[None, :], axis=1)
     slot_rank = np.arange(P) // S
-    key = cur64 * R + np.take_along_axis(rank_pos, np.broadcast_to(slot_rank, (L, P)), axis=1)
-    order = np.argsort(key, axis=1, kind="stable")
-    sorted_e = np.take_along_axis(cur64, order, axis=1)
+    key = cur64 * R + take_rows(rank_pos, np.broadcast_to(slot_rank, (L, P)))
+    # E * R < 32768 (DeepSeek: 8192): 16-bit keys take numpy's radix sort, ~7x faster.
+    order = np.argsort(key.astype(np.int16) if E * R < 32768 else key, axis=1, kind="stable")
+    sorted_e = take_rows(cur64, order)
     off = np.cumsum(c0, axis=1) - c0
-    k = np.arange(P)[None, :] - np.take_along_axis(off, sorted_e, axis=1)
+    k = np.arange(P)[None, :] - take_rows(off, sorted_e)
     surplus = np.maximum(c0 - counts, 0)
     drop = np.zeros((L, P), dtype=bool)
-    np.put_along_axis(drop, order, k < np.take_along_axis(surplus, sorted_e, axis=1), axis=1)
+    np.put_along_axis(drop, order, k < take_rows(surplus, sorted_e), axis=1)
     new = np.where(drop, -1, cur64)
     # Fill the deficits, preferring nodes that hold a source copy.
     src_on_node = node_holds(cur, E, S, N)

@@ -1,0 +1,137 @@
+"""One planning pipeline for the daemon and ``eplbd replay``: windows -> forecast -> policy -> β.
+
+:func:`propose` is a pure function of (recent windows, placement in force,
+geometry, settings). The daemon calls it on the windows it read from the ring
+and ``eplbd replay`` on the trace windows before the one being measured, so
+the replay figures describe exactly what the daemon computes; only the
+publish gate (``min_gain``, ``max_moves_per_plan``) stays in the daemon, and
+replay mirrors it with :func:`gate`.
+
+Steps:
+
+1. ``predicted = forecast(windows, method, alpha=forecast_alpha)`` [L, E].
+2. For ``moveaware`` with ``adaptive`` (default) and no explicit ``slack``
+   option: ``slack = suggest_slack(windows, current, g)`` (how far the
+   forecast itself is from the load it predicts, measured on the history).
+3. ``phy2log = rebalance(predicted, current, g, policy, **options)``.
+4. ``beta_now`` / ``beta_pred``: β of ``predicted`` under ``current`` / under
+   ``phy2log`` (the daemon's gate compares these two).
+
+Identical inputs give bit-identical ``phy2log``, ``predicted``, ``beta_*``
+(timings aside), so daemons on different nodes agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from eplbd.forecast import forecast as _forecast
+from eplbd.forecast import validate_windows
+from eplbd.geometry import Geometry
+from eplbd.placement import balancedness, validate_phy2log
+
+__all__ = [
+    "Proposal",
+    "propose",
+    "gate",
+    "DEFAULT_FORECAST",
+    "DEFAULT_FORECAST_ALPHA",
+    "DEFAULT_MIN_GAIN",
+]
+
+#: Forecast the pipeline uses unless told otherwise (config ``forecast``, replay ``--forecast``).
+#: "auto" picks each layer's smoothing from how well it predicted the history itself:
+#: on the synthetic DeepSeek-like trace it beats a fixed EMA (see benchmarks/README).
+DEFAULT_FORECAST = "auto"
+#: Smoothing of the "ema"/"share_ema"/"trend" forecasts (config ``forecast_alpha``).
+DEFAULT_FORECAST_ALPHA = 0.3
+#: The daemon's default publish gate (config ``min_gain``): β gain on the forecast a plan must bring.
+DEFAULT_MIN_GAIN = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """What one planning step proposes; the caller decides whether to publish it.
+
+    ``phy2log`` [L, P] int32: the new placement. ``predicted`` [L, E] float64:
+    the forecast it was made for (on the scale of the sum of the windows).
+    ``beta_now`` / ``beta_pred``: β of ``predicted`` under the placement in
+    force / under ``phy2log`` (NaN for ``beta_now`` when there is none).
+    ``options``: the policy options actually used (with the adaptive ``slack``).
+    ``forecast_ms`` / ``policy_ms``: wall time of the two steps.
+    """
+
+    phy2log: np.ndarray
+    predicted: np.ndarray
+    beta_now: float
+    beta_pred: float
+    policy: str
+    forecast: str
+    options: dict[str, Any]
+    forecast_ms: float
+    policy_ms: float
+
+    @property
+    def gain(self) -> float:
+        """``beta_pred - beta_now`` (NaN without a placement in force)."""
+        return self.beta_pred - self.beta_now
+
+
+def propose(
+    windows: np.ndarray,
+    current: np.ndarray | None,
+    g: Geometry,
+    *,
+    policy: str | None = None,
+    forecast: str = DEFAULT_FORECAST,
+    forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
+    options: dict[str, Any] | None = None,
+    adaptive: bool = True,
+) -> Proposal:
+    """Forecast windows [W, L, E] (oldest first) and place for it against ``current`` [L, P] or None.
+
+    ``policy`` defaults to :data:`eplbd.policy.DEFAULT_POLICY`; ``options`` are
+    passed to it (unknown ones raise TypeError). Bad windows, an invalid
+    ``current`` or an unknown policy/forecast raise ValueError naming the problem.
+    """
+    from eplbd.policy import DEFAULT_POLICY, POLICIES, rebalance, suggest_slack
+
+    pol = DEFAULT_POLICY if policy is None else policy
+    if pol not in POLICIES:
+        raise ValueError(f"unknown policy {pol!r}; choose one of {list(POLICIES)}")
+    x = validate_windows(windows, shape=(g.num_layers, g.num_experts))
+    cur = None if current is None else validate_phy2log(current, g, name="current")
+    t0 = time.perf_counter()
+    predicted = _forecast(x, forecast, alpha=forecast_alpha)
+    t1 = time.perf_counter()
+    opts = dict(options or {})
+    if adaptive and pol == "moveaware" and "slack" not in opts and cur is not None:
+        opts["slack"] = suggest_slack(x, cur, g)
+    new = rebalance(predicted, cur, g, pol, **opts)
+    t2 = time.perf_counter()
+    beta_now = math.nan if cur is None else balancedness(predicted, cur, g)
+    beta_pred = balancedness(predicted, new, g)
+    ms = ((t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    return Proposal(new, predicted, beta_now, beta_pred, pol, forecast, opts, *ms)
+
+
+def gate(proposal: Proposal, moves_total: int, min_gain: float = DEFAULT_MIN_GAIN, max_moves: int = 0) -> str:
+    """The daemon's publish rule: "" to publish, else the reason it is skipped.
+
+    "no_change" (no slot changes), "gain_below_min" (``beta_pred - beta_now <
+    min_gain``), "moves_over_max" (``max_moves`` > 0 and more slots change).
+    Without a placement in force (``beta_now`` NaN) only the first two apply
+    as "no_change"/publish.
+    """
+    if moves_total == 0:
+        return "no_change"
+    if not math.isnan(proposal.beta_now) and proposal.gain < min_gain:
+        return "gain_below_min"
+    if max_moves and moves_total > max_moves:
+        return "moves_over_max"
+    return ""
