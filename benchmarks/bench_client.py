@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from eplbd.geometry import Geometry
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
 from eplbd_client.testing import PlanDriver, TinyMoE, launch
-
-from eplbd.geometry import Geometry
 
 
 def _cleanup(prefix: str) -> None:

@@ -6,8 +6,9 @@ Each run is ``python -m eplbd.cli demo --json --quiet <options>`` in a fresh
 process (defaults: what ``make demo`` runs). Step-time percentiles on a shared
 CPU machine move from run to run with whatever else runs there, so the report
 gives the median and the range over the runs of every figure, and the load
-average seen at the start and end of each run. The plan decisions (and hence β,
-plans, moves) are deterministic for a seed; the step times are not.
+average seen at the start and end of each run. Routing is deterministic for a
+seed, so β, plans and moves vary little (only with the sync at which a plan
+happens to land); step times vary with the machine's load.
 
 Figures reported (see ``eplbd demo --help`` and the eplbd.demo docstring):
 β before/after balancing and without it, plans applied, remote moves, MiB moved,

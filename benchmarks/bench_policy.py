@@ -44,10 +44,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eplbd.forecast import forecast  # noqa: E402
-from eplbd.policy.pipeline import DEFAULT_FORECAST, propose  # noqa: E402
 from eplbd.geometry import Geometry  # noqa: E402
 from eplbd.placement import default_phy2log  # noqa: E402
 from eplbd.policy import rebalance  # noqa: E402
+from eplbd.policy.pipeline import DEFAULT_FORECAST, propose  # noqa: E402
 from eplbd.replay import replay, validate_trace  # noqa: E402
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace  # noqa: E402
 

@@ -719,6 +719,8 @@ def _mode_summary(spec: DemoSpec, r: dict[str, Any]) -> dict[str, Any]:
         "step_ms_max": float(ms.max()) if ms.size else None,
         "step_ms_p99_in_flight": _pct(ms[fl], 99),
         "step_ms_p99_idle": _pct(ms[~fl], 99),
+        "step_ms_p50_in_flight": _pct(ms[fl], 50),
+        "step_ms_p50_idle": _pct(ms[~fl], 50),
         "steps_in_flight": int(fl.sum()),
         "pause_ms_max": float(pause.max()) if pause.size else 0.0,
         "pause_ms_total": float(pause.sum()),
@@ -790,42 +792,37 @@ def format_summary(summary: dict[str, Any]) -> str:
     def row(name: str, fa: str, fs: str) -> str:
         return f"  {name:34} {fa:>16} {fs:>16}"
 
-    def both(key: str, fmt: str = "{:.1f}") -> str:
-        return row(key, _f(a[key], fmt), _f(s[key], fmt) if s else "-")
+    def both(label: str, key: str, fmt: str = "{:.1f}") -> str:
+        return row(label, _f(a[key], fmt), _f(s[key], fmt) if s else "-")
 
     lines = [head, row("", "eplbd (async)", "stop-the-world" if s else "(--no-stw)")]
-    lines.append(
-        row(
-            f"β before ({a['windows_before']} windows)",
-            _f(a["beta_before"], "{:.3f}"),
-            _f(s["beta_before"], "{:.3f}") if s else "-",
-        )
-    )
-    lines.append(
-        row(
-            f"β after (last {a['windows_after']} windows)",
-            _f(a["beta_after"], "{:.3f}"),
-            _f(s["beta_after"], "{:.3f}") if s else "-",
-        )
-    )
-    lines.append(row("β without balancing (same windows)", _f(a["beta_unbalanced_after"], "{:.3f}"), ""))
-    lines.append(both("plans_applied", "{:d}"))
-    lines.append(both("moves_remote", "{:d}"))
+    lines.append(both(f"β before (first {a['windows_before']} windows)", "beta_before", "{:.3f}"))
+    lines.append(both(f"β after (last {a['windows_after']} windows)", "beta_after", "{:.3f}"))
+    lines.append(both("β without balancing (same windows)", "beta_unbalanced_after", "{:.3f}"))
+    lines.append(both("plans applied", "plans_applied", "{:d}"))
+    lines.append(both("remote moves", "moves_remote", "{:d}"))
     lines.append(row("bytes moved", _mib(a["bytes_moved"]), _mib(s["bytes_moved"]) if s else "-"))
-    lines.append(both("step_ms_p50"))
-    lines.append(both("step_ms_p99"))
-    lines.append(both("step_ms_max"))
+    lines.append(both("step time p50 (ms)", "step_ms_p50"))
+    lines.append(both("step time p99 (ms)", "step_ms_p99"))
+    lines.append(both("step time max (ms)", "step_ms_max"))
     lines.append(
         row(
-            "step_ms_p99 in flight / idle",
+            "p99 plan in flight / none (ms)",
             f"{_f(a['step_ms_p99_in_flight'])} / {_f(a['step_ms_p99_idle'])}",
-            "(pauses below)",
+            "-",
         )
     )
-    lines.append(row("steps with a plan in flight", str(a["steps_in_flight"]), "0"))
     lines.append(
         row(
-            "forward-thread pause ms max / total",
+            "p50 plan in flight / none (ms)",
+            f"{_f(a['step_ms_p50_in_flight'])} / {_f(a['step_ms_p50_idle'])}",
+            "-",
+        )
+    )
+    lines.append(row("steps with a plan in flight", str(a["steps_in_flight"]), "-"))
+    lines.append(
+        row(
+            "forward pause max / total (ms)",
             f"{a['pause_ms_max']:.0f} / {a['pause_ms_total']:.0f}",
             f"{s['pause_ms_max']:.0f} / {s['pause_ms_total']:.0f}" if s else "-",
         )
@@ -837,7 +834,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             ("yes" if s["outputs_match"] else "NO") if s else "-",
         )
     )
-    lines.append(both("wall_s"))
+    lines.append(both("wall time of the run (s)", "wall_s"))
     m = summary.get("machine")
     if m:
         lines.append(
@@ -847,8 +844,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     a_in, a_idle = a["step_ms_p99_in_flight"], a["step_ms_p99_idle"]
     notes = [
         f"  step times exclude the first {c['warmup_steps']} warm-up steps; β is per window of "
-        f"{c['sync_interval']} steps; outputs compared on {a['outputs_checked_steps']} steps "
-        f"(max |Δ| {_f(a['outputs_max_abs_diff'], '{:.1e}')}) and weights bitwise on every rank",
+        f"{c['sync_interval']} steps;\n  outputs compared on {a['outputs_checked_steps']} steps "
+        f"(max |Δ| {_f(a['outputs_max_abs_diff'], '{:.1e}')}), weights bitwise on every rank",
     ]
     if a_in is not None and a_idle:
         d = 100 * (a_in / a_idle - 1)

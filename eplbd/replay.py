@@ -134,7 +134,7 @@ def replay(
     history: int = 10,
     forecast_method: str = DEFAULT_FORECAST,
     options: dict[str, Any] | None = None,
-    adaptive: bool = True,
+    adaptive: bool = False,
     min_gain: float = DEFAULT_MIN_GAIN,
     max_moves: int = 0,
     forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
@@ -144,7 +144,7 @@ def replay(
     Each plan is :func:`eplbd.policy.propose` on the history windows, published
     under the daemon's rule :func:`eplbd.policy.gate` (``min_gain``,
     ``max_moves``; defaults = the daemon's config defaults), exactly as the
-    daemon decides. With ``adaptive`` (default) and policy moveaware, each
+    daemon decides. With ``adaptive`` (opt-in) and policy moveaware, each
     plan's ``slack`` comes from :func:`eplbd.policy.suggest_slack` on its
     history windows, unless ``options`` sets it. A plan the gate skips counts
     as a plan with no moves.
@@ -242,7 +242,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option min_gain=0.02")  # fmt: skip
     p.add_argument("--fixed-slack", action="store_true",
-                   help="moveaware: the policy's default slack, not one fitted to the history")  # fmt: skip
+                   help="moveaware: the policy's default slack (the default, as the daemon)")  # fmt: skip
+    p.add_argument("--adaptive-slack", action="store_true",
+                   help="moveaware: a slack fitted to each plan's history (suggest_slack)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw β and moves over time (needs matplotlib)")
 
@@ -300,7 +302,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
         res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
-                     adaptive=not args.fixed_slack, min_gain=args.min_gain, max_moves=args.max_moves,
+                     adaptive=args.adaptive_slack and not args.fixed_slack, min_gain=args.min_gain, max_moves=args.max_moves,
                      forecast_alpha=args.forecast_alpha)  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options
         print(f"eplbd replay: error: {e}", file=sys.stderr)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from eplbd.geometry import Geometry
+from eplbd.placement import default_phy2log
 from eplbd_client import control as C
 from eplbd_client.recorder import LoadRecorder
 from eplbd_client.testing import TinyMoE
 from eplbd_client.transfer import TransferError, staging_gates
-
-from eplbd.geometry import Geometry
-from eplbd.placement import default_phy2log
 
 R = 4
 

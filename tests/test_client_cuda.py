@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import PlanDriver, TinyMoE, launch
 
 from eplbd.geometry import Geometry
+from eplbd_client import ClientConfig, EplbClient
+from eplbd_client.testing import PlanDriver, TinyMoE, launch
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch.distributed as dist
-from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import TinyMoE, launch
 
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log
 from eplbd.shm import PLAN_STARTED, Domain
+from eplbd_client import ClientConfig, EplbClient
+from eplbd_client.testing import TinyMoE, launch
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from eplbd_client import ClientConfig, EplbClient
-from eplbd_client import control as C
-from eplbd_client.testing import PlanDriver, TinyMoE, launch
 
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_compact
 from eplbd.plan import RECV, Plan
 from eplbd.shm import PLAN_COMMITTED, PLAN_REJECTED, Domain
+from eplbd_client import ClientConfig, EplbClient
+from eplbd_client import control as C
+from eplbd_client.testing import PlanDriver, TinyMoE, launch
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,10 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 if VLLM_SKIP_REASON is None:
     import torch
     import vllm
-    from eplbd_vllm import compat
     from vllm.distributed import parallel_state
     from vllm.distributed.eplb import eplb_state
     from vllm.model_executor.models import interfaces
+
+    from eplbd_vllm import compat
 
     CONTRACT = compat.CONTRACT
 else:  # collected for the skip message only

@@ -50,7 +50,7 @@ WORLD, L, E, S = 4, 3, 8, 3  # P = 12: 4 redundant slots
 K = 2  # EPLBD_SYNC_INTERVAL
 T = 12  # tokens per rank per step
 MAX_STEPS = 600
-WANT_COMMITS = 2
+WANT_COMMITS = 3
 
 
 class _ModelConfig:
@@ -84,7 +84,6 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
     torch.set_num_threads(1)
     os.environ.update(env)
     import vllm.plugins
-    from eplbd_vllm.bridge import bridges, uninstall
     from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.config.parallel import EPLBConfig
     from vllm.distributed import parallel_state as ps
@@ -93,6 +92,7 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
     from vllm_tiny_moe import TinyVllmMoE
 
     from eplbd.shm import Domain
+    from eplbd_vllm.bridge import bridges, uninstall
 
     # Spies on vLLM's own rearrangement path, installed *before* the plugin so
     # that the plugin's saved "originals" are spies too.
@@ -144,6 +144,7 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
         maps = (ms.physical_to_logical_map, ms.logical_to_physical_map, ms.logical_replica_count)
         ptrs = [t.data_ptr() for t in maps]
         p2l0 = client.phy2log.copy()
+        state.step(is_dummy=True, is_profile=True)  # vLLM's profile run: no rearrangement, no sync
         out["initial_matches_vllm"] = bool(np.array_equal(p2l0, ms.physical_to_logical_map.numpy()))
 
         expected = np.zeros((MAX_STEPS // K + 1, L, E), dtype=np.int64)
@@ -164,6 +165,7 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
                 for i, layer in enumerate(model.layers):
                     expected[step // K, i] += np.bincount(layer.last_topk.reshape(-1).numpy(), minlength=E)
             state.step(is_dummy=dummy, log_stats=True)
+            assert bool(state.should_record_tensor)  # vLLM would switch recording off between windows
             # vLLM's maps: in place, equal to vLLM's own derivation from the placement in force.
             assert [t.data_ptr() for t in maps] == ptrs
             assert np.array_equal(ms.physical_to_logical_map.numpy(), client.phy2log)

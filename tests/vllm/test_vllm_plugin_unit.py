@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from eplbd.placement import log2phy_padded, replica_count  # noqa: E402
 from eplbd_vllm.hooks import (  # noqa: E402
     LayerCommit,
     register_routing_table_hook,
@@ -24,8 +25,6 @@ from eplbd_vllm.hooks import (  # noqa: E402
 )
 from eplbd_vllm.host import VllmExpertHost  # noqa: E402
 from eplbd_vllm.settings import PluginConfigError, enabled, model_tag, read_settings  # noqa: E402
-
-from eplbd.placement import log2phy_padded, replica_count  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
