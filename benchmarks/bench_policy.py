@@ -47,7 +47,7 @@ from eplbd.forecast import forecast  # noqa: E402
 from eplbd.geometry import Geometry  # noqa: E402
 from eplbd.placement import default_phy2log  # noqa: E402
 from eplbd.policy import rebalance  # noqa: E402
-from eplbd.policy.pipeline import DEFAULT_FORECAST, propose  # noqa: E402
+from eplbd.policy.pipeline import DEFAULT_FORECAST, DEFAULT_MIN_GAIN, propose  # noqa: E402
 from eplbd.replay import replay, validate_trace  # noqa: E402
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace  # noqa: E402
 
@@ -71,26 +71,26 @@ def cadence(T: int) -> tuple[int, int]:
 
 
 def run_replays(
-    name: str, trace: np.ndarray, g: Geometry, interval: int, history: int, fc: str
+    name: str, trace: np.ndarray, g: Geometry, interval: int, history: int, fc: str, **kw: object
 ) -> list[dict]:
     rows = []
     for pol in POLICIES:
-        s = replay(trace, g, pol, interval, history, fc).summary()
+        s = replay(trace, g, pol, interval, history, fc, **kw).summary()  # type: ignore[arg-type]
         s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
                  f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
         rows.append(s)
     return rows
 
 
-def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int) -> dict:
+def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = False) -> dict:
     tr = drifting_trace(40, g.num_layers, g.num_experts, 0, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
     out: dict = {"geometry": g.to_dict(), "repeats": repeats}
     for pol in POLICIES:
         cur = default_phy2log(g)
         for t in (10, 20):  # reach a steady state
-            cur = propose(tr[t - 10 : t], cur, g, policy=pol, forecast=fc).phy2log
+            cur = propose(tr[t - 10 : t], cur, g, policy=pol, forecast=fc, adaptive=adaptive).phy2log
         w = forecast(tr[20:30], fc)
-        opts = propose(tr[20:30], cur, g, policy=pol, forecast=fc).options  # what the pipeline passes
+        opts = propose(tr[20:30], cur, g, policy=pol, forecast=fc, adaptive=adaptive).options
         ts, cpu = [], []
         for _ in range(repeats):
             c0, t0 = time.process_time(), time.perf_counter()
@@ -137,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30, help="speed: timed calls per policy")
     ap.add_argument("--quick", action="store_true", help="60 synthetic windows, 5 timed calls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--adaptive-slack", action="store_true", help="moveaware: slack fitted to each history")
+    ap.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN,
+                    help="the daemon's publish gate replay applies (default %(default)s, the daemon's)")
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.repeats = 60, 5
     g = Geometry.deepseek_v3()
     synth = drifting_trace(args.windows, g.num_layers, g.num_experts, args.seed, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
-    rows = run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast)
+    kw = {"adaptive": args.adaptive_slack, "min_gain": args.min_gain}
+    rows = run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast, **kw)
     skipped = []
     for path in args.traces:
         tr = validate_trace(np.load(path, allow_pickle=False), path)
@@ -152,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{name}: T={T}, nothing to hold out")
             continue
         interval, history = cadence(T)
-        rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast)
-    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10))
+        rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast, **kw)
+    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10), args.adaptive_slack)
     if args.json:
         print(json.dumps({"replay": rows, "speed": sp, "skipped": skipped}, indent=2))
         return 0

@@ -55,7 +55,7 @@ class Config:
     shm_prefix: str = "eplbd."
     num_iterations: int = 3000
     history_windows: int = 16
-    forecast: str = "ema"
+    forecast: str = "ema"  # = eplbd.policy.pipeline.DEFAULT_FORECAST (tested)
     forecast_alpha: float = 0.3
     policy: str = "moveaware"
     min_gain: float = 0.02

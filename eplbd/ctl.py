@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "collect_status", "format_status", "EXIT_NO_DOMAIN", "EXIT_NO_DAEMON"]
+__all__ = [
+    "main",
+    "collect_status",
+    "format_status",
+    "plan_error_name",
+    "EXIT_NO_DOMAIN",
+    "EXIT_NO_DAEMON",
+    "MISMATCH_ERRORS",
+]
 
 EXIT_NO_DOMAIN = 1
 EXIT_NO_DAEMON = 3
@@ -35,6 +43,33 @@ STALE_AFTER_S = 5.0
 TOP_EXPERTS = 5
 
 _PLAN_STATES = {0: "none", 1: "started", 2: "committed", 3: "aborted", 4: "rejected"}
+
+#: PlanStatus.error codes the node leader writes. The ranks' side defines them
+#: (eplbd_client.control.ERR_*, which needs torch to import); the daemon and this
+#: tool must not, so the names are repeated here and a test checks both agree.
+PLAN_ERRORS = {
+    0: "none",
+    16: "unreadable",
+    17: "invalid",
+    18: "hash_mismatch",
+    19: "stale_base_epoch",
+    20: "staging_too_small",
+    21: "transfer_failed",
+    22: "timeout",
+    23: "abort_requested",
+    24: "internal",
+    25: "diverged",
+}
+ERR_HASH_MISMATCH, ERR_DIVERGED = 18, 25
+#: Errors meaning the nodes' daemons disagree: what the plan said is never started anywhere.
+MISMATCH_ERRORS = {
+    ERR_HASH_MISMATCH: "the nodes' daemons published different plans under one id",
+    ERR_DIVERGED: "only some nodes' daemons published it",
+}
+
+
+def plan_error_name(code: int) -> str:
+    return PLAN_ERRORS.get(int(code), f"error_{int(code)}")
 
 
 def _alive(pid: int) -> bool:
@@ -129,9 +164,34 @@ def domain_status(name: str, now_ns: int | None = None) -> dict[str, Any]:
             ]
         plan_id = dom.latest_plan_id()
         plan: dict[str, Any] | None = None
+        st = dom.read_plan_status()
+        # The newest plan outcome the ranks wrote; its id may be one this node's
+        # daemon never published (rejected because only other nodes had it).
+        d["plan_status"] = (
+            None
+            if st.plan_id < 0
+            else {
+                "plan_id": int(st.plan_id),
+                "state": _PLAN_STATES.get(st.state, str(st.state)),
+                "layers_committed": int(st.layers_committed),
+                "error": int(st.error),
+                "error_name": plan_error_name(st.error) if st.error else "",
+                "age_s": _age_s(st.updated_ns, now_ns),
+            }
+        )
+        d["mismatch"] = (
+            {
+                "plan_id": int(st.plan_id),
+                "error": plan_error_name(st.error),
+                "reason": MISMATCH_ERRORS[int(st.error)],
+                "published_here": bool(st.plan_id == plan_id),
+                "age_s": _age_s(st.updated_ns, now_ns),
+            }
+            if int(st.error) in MISMATCH_ERRORS
+            else None
+        )
         if plan_id >= 0:
             p = dom.read_plan()
-            st = dom.read_plan_status()
             plan = {"latest_id": int(plan_id)}
             if p is not None:
                 plan.update(id=int(p.plan_id), base_epoch=int(p.base_epoch), ops=p.num_ops, hash=p.hash)
@@ -277,7 +337,15 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(
                 f"  plan        #{pid} base {p.get('base_epoch', '?')}, {p.get('ops', '?')} ops: "
                 f"{p['state']}, {p['layers_committed']}/{g['num_layers']} layers committed"
-                + (f", error {p['error']}" if p.get("error") else "")
+                + (f", error {p['error']} ({plan_error_name(p['error'])})" if p.get("error") else "")
+            )
+        mm = d.get("mismatch")
+        if mm is not None:
+            lines.append(
+                f"  MISMATCH    plan #{mm['plan_id']} rejected on every rank {_dur(mm['age_s'])} ago: "
+                f"{mm['error']} ({mm['reason']}"
+                + ("" if mm["published_here"] else "; this node's daemon did not publish it")
+                + "); check that every node runs its daemon with the same config and version"
             )
         dm = d["daemon"]
         if dm is not None:

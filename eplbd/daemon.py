@@ -36,7 +36,10 @@ is "in flight" from its publication until the plan status reports it final
 (committed, aborted, rejected) or the placement in force reaches its epoch; a
 new plan is not published while one is in flight unless the in-flight one made
 no progress for ``plan_timeout_s`` (the timer restarts with the daemon, which
-only makes it more patient).
+only makes it more patient). A plan that only some nodes' daemons published is
+never started; the ranks reject it after ``divergence_syncs`` syncs (client
+setting) and write that status, which ends it here like any rejection; the
+worker logs every such rejection (``plan mismatch between nodes``).
 
 **Gate.** ``beta_now`` and ``beta_pred`` are both the balancedness of the
 *forecast* load, under the placement in force and under the new placement; the
@@ -68,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from eplbd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, unknown_env
+from eplbd.ctl import MISMATCH_ERRORS, plan_error_name
 from eplbd.metrics import NullMetrics, make_metrics
 from eplbd.notify import Notifier
 from eplbd.placement import MoveCounts, count_moves
@@ -189,6 +193,7 @@ class DomainWorker(threading.Thread):
         self._last_heartbeat = 0.0
         self._last_error = ""
         self._wcache: dict[int, np.ndarray] = {}  # window id -> loads [L, E] (see history())
+        self._status_seen: tuple[int, int, int] | None = None  # last PlanStatus logged (id, state, error)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -266,9 +271,38 @@ class DomainWorker(threading.Thread):
                     self.handled = trig
                     self.decide(trig)
             self.last_seen = latest
+        self.watch_status()
         now = time.monotonic()
         if now - self._last_heartbeat >= cfg.heartbeat_interval_s:
             self.write_info()
+
+    def watch_status(self) -> None:
+        """Log each new plan outcome the ranks report with an error (log only; decides nothing).
+
+        A mismatch between nodes (hash differs, or only some nodes' daemons
+        published the plan) is logged as an error: the daemons of this job
+        disagree, e.g. different configs or versions, or one is down. The
+        rejection is final, so :meth:`plan_in_flight` does not wait for it.
+        """
+        st = self.dom.read_plan_status()
+        key = (st.plan_id, st.state, st.error)
+        if key == self._status_seen:
+            return
+        self._status_seen = key
+        if not st.error or st.state not in (PLAN_ABORTED, PLAN_REJECTED):
+            return
+        state = "rejected" if st.state == PLAN_REJECTED else "aborted"
+        kv: dict[str, Any] = {
+            "domain": self.name_,
+            "plan": st.plan_id,
+            "state": state,
+            "error": plan_error_name(st.error),
+        }
+        if st.error in MISMATCH_ERRORS:
+            kv["published_here"] = "yes" if st.plan_id == self.dom.latest_plan_id() else "no"
+            self.d.log.error(f"plan mismatch between nodes: {MISMATCH_ERRORS[st.error]}", **kv)
+        else:
+            self.d.log.warning(f"plan {state} by the ranks", layers_committed=st.layers_committed, **kv)
 
     def write_info(self) -> None:
         ev, plan = self.last_eval, self.last_plan

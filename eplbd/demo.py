@@ -67,10 +67,11 @@ from eplbd.geometry import Geometry
 __all__ = ["DemoSpec", "configure_parser", "run_cli", "run_demo", "summarize", "format_summary"]
 
 MODES = ("async", "stw")
-#: Absolute tolerance of the output comparison, relative to the reference's largest
-#: magnitude: the EP model sums expert outputs in another order (per rank, then an
-#: all-reduce), so float32 results agree to rounding, not bitwise.
-OUTPUT_RTOL = 1e-5
+#: Tolerance of the output comparison, relative to the reference's largest magnitude
+#: (at least 1): the EP model sums expert outputs in another order (per rank, then an
+#: all-reduce), so float32 results agree to rounding (~1e-6 here), not bitwise; one
+#: wrong expert in a slot changes outputs by O(1). Weights are checked bitwise too.
+OUTPUT_RTOL = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,8 @@ class DemoSpec:
     seed: int = 0
     check_every: int = 25  # output check every this many steps (rank 0), plus the last step
     progress: bool = True
-    # Fault injection for tests, "RANK:STEP:raise" or "RANK:STEP:crash" (os._exit, no report).
+    # Fault injection for tests: "RANK:STEP:raise", ":crash" (os._exit, no report) or
+    # ":corrupt" (alters the weights in layer 0's slots, which the checks must catch).
     fail_at: str = ""
 
     @property
@@ -221,21 +223,20 @@ class _Progress:
 
 
 def _parse_fail(text: str) -> tuple[int, int, str]:
-    """``"RANK:STEP[:raise|crash]"`` -> (rank, step, kind); ValueError naming the problem."""
+    """``"RANK:STEP[:raise|crash|corrupt]"`` -> (rank, step, kind); ValueError naming the problem."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(x.strip().isdigit() for x in parts[:2]):
-        raise ValueError(f"--fail-at must be RANK:STEP[:raise|crash], got {text!r}")
+        raise ValueError(f"--fail-at must be RANK:STEP[:raise|crash|corrupt], got {text!r}")
     kind = parts[2] if len(parts) == 3 else "raise"
-    if kind not in ("raise", "crash"):
-        raise ValueError(f"--fail-at kind must be 'raise' or 'crash', got {kind!r}")
+    if kind not in ("raise", "crash", "corrupt"):
+        raise ValueError(f"--fail-at kind must be 'raise', 'crash' or 'corrupt', got {kind!r}")
     return int(parts[0]), int(parts[1]), kind
 
 
 def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain: str) -> dict[str, Any]:
     """One rank of one mode: the model + client for ``spec.steps`` steps; measurements out."""
-    from eplbd_client import ClientConfig, EplbClient
-
     from eplbd.placement import count_moves, default_phy2log
+    from eplbd_client import ClientConfig, EplbClient
 
     spec = DemoSpec(**spec_d)
     g = spec.geometry()
@@ -264,6 +265,7 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
     N, K, L, R = spec.steps, spec.sync_interval, g.num_layers, g.num_ranks
     p2l0 = default_phy2log(g)
     step_ms = np.zeros(N)
+    client_ms = np.zeros(N)  # the client.step() part of step_ms
     in_flight = np.zeros(N, dtype=bool)
     pause_ms = np.zeros(N)
     loads_cur = np.zeros((N, L, R), dtype=np.int64)
@@ -279,7 +281,11 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
             if rank == fail_rank and step == fail_step:
                 if fail_kind == "crash":
                     os._exit(3)
-                raise RuntimeError(f"injected failure at step {step} (--fail-at {spec.fail_at})")
+                if fail_kind == "corrupt":  # layer 0's slots no longer hold their experts' weights
+                    for w in model.expert_weights(0):
+                        w.add_(1.0)
+                else:
+                    raise RuntimeError(f"injected failure at step {step} (--fail-at {spec.fail_at})")
             in_flight[step] = client.active_plan >= 0
             stw0 = client.stats.stw_seconds
             if lead:  # placement in force for this step's forward, and the unbalanced one
@@ -287,9 +293,11 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
                 loads_def[step] = model.rank_loads(step, p2l0)
             t0 = time.perf_counter()
             y = model.forward(step, client.record)
+            tf = time.perf_counter()
             client.step()
             t1 = time.perf_counter()
             step_ms[step] = (t1 - t0) * 1e3
+            client_ms[step] = (t1 - tf) * 1e3
             pause_ms[step] = (client.stats.stw_seconds - stw0) * 1e3
             new = client.phy2log
             if new is not p2l:  # commits replace the array: a (partial) placement change
@@ -327,6 +335,7 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
         if lead:
             out.update(
                 step_ms=step_ms,
+                client_ms=client_ms,
                 in_flight=in_flight,
                 pause_ms=pause_ms,
                 loads_cur=loads_cur,
@@ -694,6 +703,7 @@ def _mode_summary(spec: DemoSpec, r: dict[str, Any]) -> dict[str, Any]:
     n_before = max(1, fc // K) if fc >= 0 else W
     keep = np.arange(spec.steps) >= spec.warmup
     ms = r["step_ms"][keep]
+    cms = r["client_ms"][keep]
     fl = r["in_flight"][keep]
     pause = r["pause_ms"]
     checks = r["checks"]
@@ -722,12 +732,17 @@ def _mode_summary(spec: DemoSpec, r: dict[str, Any]) -> dict[str, Any]:
         "step_ms_p50_in_flight": _pct(ms[fl], 50),
         "step_ms_p50_idle": _pct(ms[~fl], 50),
         "steps_in_flight": int(fl.sum()),
+        # client.step() alone (sync, decisions, commits; stop-the-world transfers)
+        "client_ms_p50": _pct(cms, 50),
+        "client_ms_p99": _pct(cms, 99),
+        "client_ms_max": float(cms.max()) if cms.size else None,
         "pause_ms_max": float(pause.max()) if pause.size else 0.0,
         "pause_ms_total": float(pause.sum()),
         "outputs_match": bool(
             outputs_ok and not r["all_mismatches"] and r["all_tables_ok"] and r["ranks_agree"]
         ),
         "outputs_max_abs_diff": max((d for _, d, _ in checks), default=None),
+        "outputs_max_rel_diff": max(diffs, default=None),
         "outputs_checked_steps": len(checks),
         "weights_bitwise": not r["all_mismatches"],
         "ranks_agree": bool(r["ranks_agree"]),
@@ -1030,8 +1045,9 @@ def run_cli(args: argparse.Namespace) -> int:
             err(f"--plot: directory {parent} does not exist")
             return 2
     try:
-        import eplbd_client  # noqa: F401
         import torch  # noqa: F401 - the ranks need it; fail here with a clear message
+
+        import eplbd_client  # noqa: F401
     except ImportError as e:
         err(f"the demo needs torch and the eplbd client (pip install -e '.[client]'): {e}")
         return 2
@@ -1058,19 +1074,24 @@ def run_cli(args: argparse.Namespace) -> int:
         "loadavg_before": load0,
         "loadavg_after": os.getloadavg()[0],
     }
-    if args.plot:
-        try:
-            plot(spec, results, args.plot)
-        except Exception as e:  # the run's figures are still worth printing
-            err(f"--plot {args.plot}: {type(e).__name__}: {e}")
-            args.plot = None
-    if args.json:
-        print(json.dumps(summary, indent=None, sort_keys=False))
-    else:
-        print(format_summary(summary))
+    plot_ok = True
+    try:
         if args.plot:
-            print(f"  plot: {args.plot}")
+            try:
+                plot(spec, results, args.plot)
+            except Exception as e:  # the run's figures are still worth printing
+                err(f"--plot {args.plot}: {type(e).__name__}: {e}")
+                plot_ok = False
+        if args.json:
+            print(json.dumps(summary, indent=None, sort_keys=False), flush=True)
+        else:
+            print(format_summary(summary), flush=True)
+            if args.plot and plot_ok:
+                print(f"  plot: {args.plot}", flush=True)
+    except KeyboardInterrupt:  # everything is cleaned up already
+        err("interrupted")
+        return 130
     if not summary["outputs_match"]:
         err("the balanced model's outputs or weights differ from the unbalanced model's (see outputs_*)")
         return 1
-    return 0
+    return 0 if plot_ok else 1

@@ -302,7 +302,8 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
         res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
-                     adaptive=args.adaptive_slack and not args.fixed_slack, min_gain=args.min_gain, max_moves=args.max_moves,
+                     adaptive=args.adaptive_slack and not args.fixed_slack, min_gain=args.min_gain,
+                     max_moves=args.max_moves,
                      forecast_alpha=args.forecast_alpha)  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options
         print(f"eplbd replay: error: {e}", file=sys.stderr)

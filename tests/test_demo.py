@@ -103,6 +103,18 @@ def test_short_demo_json_and_plot(tmp_path: Path) -> None:
     print(f"short demo took {took:.1f} s")
 
 
+@pytest.mark.timeout(60)
+def test_corrupted_expert_weights_are_caught() -> None:
+    """The output comparison can fail: a rank's layer-0 weights altered before the check of step 49."""
+    r = demo(*SMALL, "--no-stw", "--json", "--fail-at", "1:49:corrupt")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert out["outputs_match"] is False
+    assert out["async"]["weights_bitwise"] is False
+    assert out["async"]["outputs_max_rel_diff"] > 1e-2
+    assert "outputs or weights differ from the unbalanced model" in r.stderr
+
+
 def test_bad_arguments_give_clear_errors() -> None:
     r = demo("--ranks", "1")
     assert r.returncode == 2

@@ -49,7 +49,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -75,7 +75,15 @@ from .host import ExpertHost
 from .recorder import LoadRecorder
 from .transfer import PlanTransfer, TransferError
 
-__all__ = ["ClientConfig", "ClientStats", "EplbClient"]
+__all__ = [
+    "ClientConfig",
+    "ClientStats",
+    "EplbClient",
+    "NodeLayout",
+    "NodeLayoutError",
+    "launcher_node",
+    "node_layout",
+]
 
 log = logging.getLogger("eplbd_client")
 
@@ -94,7 +102,13 @@ class ClientConfig:
     - p2p_timeout_s: bound on every p2p wait of the transfer (CPU/gloo; on stream
       devices the backend's process-group timeout applies).
     - gather_timeout_s: bound on waiting for the previous sync's all-gather.
-    - ranks_per_node: node of rank r is r // ranks_per_node; None = geometry's R / N.
+    - divergence_syncs (*): reject a plan that only some nodes' daemons published
+      (ranks' candidate ids unequal) after this many syncs, with ``ERR_DIVERGED``;
+      0 = never (a missing daemon then blocks balancing until the next agreed plan).
+    - ranks_per_node: EP ranks per node; rank r is on node r // ranks_per_node.
+      Explicit: overrides the launcher's variables. None = see :func:`node_layout`.
+    - node_id: this rank's node, explicitly (per rank, e.g. ``EPLBD_CLIENT_NODE_ID``);
+      any label, the ranks' labels must be node-major. None = from the launcher.
     - ring_capacity, shm_mode: for Domain.create (node leader).
     - unlink_on_close: the leader removes the shm domain in :meth:`EplbClient.close`.
     """
@@ -105,7 +119,9 @@ class ClientConfig:
     plan_timeout_syncs: int = 64
     p2p_timeout_s: float = 10.0
     gather_timeout_s: float = 60.0
+    divergence_syncs: int = 16
     ranks_per_node: int | None = None
+    node_id: int | None = None
     ring_capacity: int = 64
     shm_mode: int = 0o600
     unlink_on_close: bool = True
@@ -122,6 +138,12 @@ class ClientConfig:
         for k in ("p2p_timeout_s", "gather_timeout_s"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be > 0")
+        if self.divergence_syncs < 0:
+            raise ValueError(f"divergence_syncs must be >= 0 (0 = never), got {self.divergence_syncs}")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
+        if self.node_id is not None and self.node_id < 0:
+            raise ValueError(f"node_id must be >= 0, got {self.node_id}")
 
     @classmethod
     def from_env(
@@ -168,6 +190,7 @@ class ClientStats:
     plans_committed: int = 0
     plans_aborted: int = 0
     plans_rejected: int = 0
+    plans_mismatched: int = 0  # of the rejected: hash mismatch or divergence between nodes
     layers_committed: int = 0
     last_error: int = 0
     last_error_plan: int = -1
@@ -180,6 +203,116 @@ class ClientStats:
     # benchmark can subtract it from step() and see the client's own cost.
     last_collective_ns: int = 0
     history: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (event, plan, sync)
+
+
+class NodeLayoutError(ValueError):
+    """The ranks' node identities contradict node-major numbering or each other."""
+
+
+class NodeLayout(NamedTuple):
+    """Where this rank sits among the nodes of its EP group (node-major: rank r on node r // rpn)."""
+
+    node: int  # 0..num_nodes-1: what ``{node}`` in a domain name becomes
+    num_nodes: int
+    ranks_per_node: int
+    leader: int  # EP rank of this node's leader (its lowest EP rank): creates the domain, publishes
+    source: str  # where it came from: "config ranks_per_node", "config node_id", "GROUP_RANK", ...
+
+
+#: Launcher variables naming a process's node (torchrun sets GROUP_RANK; others NODE_RANK).
+LAUNCHER_NODE_VARS = ("GROUP_RANK", "NODE_RANK")
+
+
+def launcher_node(env: Mapping[str, str], global_rank: int) -> tuple[int | None, str, str]:
+    """This process's node label from torchrun-style variables: (label or None, source, problem).
+
+    ``GROUP_RANK`` / ``NODE_RANK`` give it directly; otherwise ``LOCAL_WORLD_SIZE``
+    gives ``global_rank // LOCAL_WORLD_SIZE``, and ``LOCAL_RANK`` must then equal
+    ``global_rank % LOCAL_WORLD_SIZE``. Never raises: a problem is returned as text
+    so that every rank can raise the same error after one all-gather.
+    """
+    try:
+        for var in LAUNCHER_NODE_VARS:
+            text = env.get(var, "").strip()
+            if text:
+                v = int(text)
+                if v < 0:
+                    return None, var, f"{var}={text} is negative"
+                return v, var, ""
+        lws_text = env.get("LOCAL_WORLD_SIZE", "").strip()
+        if not lws_text:
+            return None, "", ""
+        lws = int(lws_text)
+        if lws < 1:
+            return None, "LOCAL_WORLD_SIZE", f"LOCAL_WORLD_SIZE={lws_text} is not positive"
+        lr = env.get("LOCAL_RANK", "").strip()
+        if lr and int(lr) != global_rank % lws:
+            return (
+                None,
+                "LOCAL_WORLD_SIZE",
+                f"LOCAL_RANK={lr} but global rank {global_rank} with LOCAL_WORLD_SIZE={lws} "
+                f"is local rank {global_rank % lws} (ranks are not numbered node-major)",
+            )
+        return global_rank // lws, "LOCAL_WORLD_SIZE", ""
+    except ValueError as e:
+        return None, "launcher", f"cannot parse the launcher's variables: {e}"
+
+
+def node_layout(
+    rank: int,
+    world: int,
+    labels: Sequence[int | None] = (),
+    *,
+    source: str = "",
+    ranks_per_node: int | None = None,
+    geometry_nodes: int = 1,
+) -> NodeLayout:
+    """Node of EP rank ``rank`` of ``world``. Pure; raises NodeLayoutError naming the problem.
+
+    Precedence: an explicit ``ranks_per_node``; else per-rank node ``labels``
+    ([world], EP rank order; from ``node_id`` or the launcher), which must be
+    node-major (equal labels contiguous, every node the same size; labels need
+    not be 0..N-1, e.g. a job on nodes 4-5 of a bigger launch); else the
+    geometry's R / N. A geometry with ``num_nodes > 1`` must agree.
+    """
+    if ranks_per_node is not None:
+        rpn, src = int(ranks_per_node), "config ranks_per_node"
+    elif any(lb is not None for lb in labels):
+        if len(labels) != world or any(lb is None for lb in labels):
+            missing = [r for r, lb in enumerate(labels) if lb is None]
+            raise NodeLayoutError(
+                f"node identity ({source}) is set on some EP ranks only; missing on ranks {missing[:16]}"
+            )
+        runs: list[tuple[int, int]] = []  # (label, length)
+        for lb in labels:
+            assert lb is not None
+            if runs and runs[-1][0] == lb:
+                runs[-1] = (lb, runs[-1][1] + 1)
+            else:
+                runs.append((lb, 1))
+        sizes = {n for _, n in runs}
+        if len({lb for lb, _ in runs}) != len(runs) or len(sizes) != 1:
+            shown = list(labels[:32]) + (["..."] if len(labels) > 32 else [])
+            raise NodeLayoutError(
+                f"EP ranks are not numbered node-major: node of each EP rank ({source}) is {shown}; "
+                "eplbd needs rank r on node r // (R/N) with every node holding R/N ranks "
+                "(DESIGN.md). Launch with ranks numbered node by node, or set "
+                "ClientConfig.ranks_per_node / node_id"
+            )
+        rpn, src = sizes.pop(), source
+    else:
+        if world % geometry_nodes:
+            raise NodeLayoutError(f"{world} EP ranks do not split over {geometry_nodes} nodes")
+        rpn, src = world // geometry_nodes, "geometry"
+    if rpn < 1 or world % rpn:
+        raise NodeLayoutError(f"{world} EP ranks do not split into nodes of {rpn} ranks ({src})")
+    n = world // rpn
+    if geometry_nodes > 1 and n != geometry_nodes:
+        raise NodeLayoutError(
+            f"geometry says {geometry_nodes} nodes but {src} gives {n} nodes of {rpn} ranks"
+        )
+    node = rank // rpn
+    return NodeLayout(node, n, rpn, node * rpn, src)
 
 
 class _Cand(NamedTuple):
@@ -245,10 +378,41 @@ class EplbClient:
         if host.num_moe_layers != g.num_layers:
             raise ValueError(f"host has {host.num_moe_layers} MoE layers, geometry says {g.num_layers}")
         L, S = g.num_layers, g.slots_per_rank
-        self.rpn = cfg.ranks_per_node or g.ranks_per_node
-        self.node = self.rank // self.rpn
-        self.is_leader = self.rank % self.rpn == 0
+        # Node identity: one all-gather of every rank's own view (config node_id or
+        # the launcher's variables), so that a contradiction raises the same
+        # NodeLayoutError on every rank instead of leaving some in a collective.
+        if cfg.node_id is not None:
+            mine: tuple[int | None, str, str] = (cfg.node_id, "config node_id", "")
+        else:
+            mine = launcher_node(os.environ, dist.get_rank())
+        views: list[Any] = [None] * self.world
+        dist.all_gather_object(views, mine, group=group)
+        problems = [f"rank {r}: {p}" for r, (_, _, p) in enumerate(views) if p]
+        if problems:
+            raise NodeLayoutError("eplbd_client: launcher node identity: " + "; ".join(problems[:8]))
+        sources = sorted({src for lb, src, _ in views if lb is not None})
+        self.layout = node_layout(
+            self.rank,
+            self.world,
+            [lb for lb, _, _ in views],
+            source="+".join(sources),
+            ranks_per_node=cfg.ranks_per_node,
+            geometry_nodes=g.num_nodes,
+        )
+        self.rpn = self.layout.ranks_per_node
+        self.node = self.layout.node
+        self.is_leader = self.rank == self.layout.leader
         self.domain_name = domain_name.format(node=self.node)
+        if self.is_leader:
+            log.info(
+                "eplbd_client rank %d: node %d of %d (%d ranks per node, from %s), domain %s",
+                self.rank,
+                self.node,
+                self.layout.num_nodes,
+                self.rpn,
+                self.layout.source,
+                self.domain_name,
+            )
         self.capacity = cfg.max_staged_experts or S
         self.stats = ClientStats()
 
@@ -256,7 +420,17 @@ class EplbClient:
         self._phy2log = p2l  # never mutated in place: commits replace it (snapshots stay valid)
         self.state = C.Agreed(epoch=int(epoch))
         self._config_digest = zlib.crc32(
-            repr((cfg.sync_interval, cfg.mode, self.capacity, cfg.plan_timeout_syncs, g.to_dict())).encode()
+            repr(
+                (
+                    cfg.sync_interval,
+                    cfg.mode,
+                    self.capacity,
+                    cfg.plan_timeout_syncs,
+                    cfg.divergence_syncs,
+                    self.rpn,
+                    g.to_dict(),
+                )
+            ).encode()
         )
 
         # Recording and gather buffers.
@@ -379,6 +553,9 @@ class EplbClient:
             "plans_committed": s.plans_committed,
             "plans_aborted": s.plans_aborted,
             "plans_rejected": s.plans_rejected,
+            "plans_mismatched": s.plans_mismatched,
+            "num_nodes": self.layout.num_nodes,
+            "diverging_since_sync": st.diverging_since,
             "last_error": C.error_name(s.last_error) if s.last_error else "",
             "last_error_plan": s.last_error_plan,
             "windows_published": s.windows_published,
@@ -408,10 +585,16 @@ class EplbClient:
         K = self.config.sync_interval
         meta = (n, self._step - K, self._step, st.epoch, self._phy2log)
         if self._pending is not None:
-            words = self._finish_gather()
-            d = C.decide(words, st, self.config.plan_timeout_syncs)
+            words, publish = self._finish_gather()
+            d = C.decide(words, st, self.config.plan_timeout_syncs, self.config.divergence_syncs)
             if d.kind != C.NONE:
-                self._apply(d)
+                self._apply(d, words)
+            C.track_divergence(words, st)
+            if publish is not None:
+                # After this sync's status/placement writes (queued by _apply): a daemon
+                # woken by window n-1 then sees the plan state as of sync n, the same on
+                # every node, so the daemons' in-flight checks agree.
+                self._defer(publish[0], publish[1])
         self._poll()
         self._pack()
         self._launch(meta)
@@ -425,7 +608,8 @@ class EplbClient:
     def _defer(self, worker: _Worker, fn: Callable[[], None]) -> None:
         self._deferred.append((worker, fn))
 
-    def _finish_gather(self) -> np.ndarray:
+    def _finish_gather(self) -> tuple[np.ndarray, tuple[_Worker, Callable[[], None]] | None]:
+        """The previous sync's words [R, NUM_WORDS] and (leader) the job that publishes its window."""
         assert self._pending is not None
         work, ev, meta = self._pending
         self._pending = None
@@ -438,10 +622,11 @@ class EplbClient:
             work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
         mat = self._host_mat
+        publish = None
         if self._pub is not None:
             counts = mat[:, : self._ls].copy()
-            self._defer(self._pub, lambda: self._publish_window(counts, meta))
-        return mat[:, self._ls :].copy()
+            publish = (self._pub, lambda: self._publish_window(counts, meta))
+        return mat[:, self._ls :].copy(), publish
 
     def _launch(self, meta: tuple[int, int, int, int, np.ndarray]) -> None:
         """Drain the recorder and the words into the send buffer; start the all-gather."""
@@ -482,7 +667,7 @@ class EplbClient:
             self.recorder.switch(self._cur)
 
     # ------------------------------------------------------------------ decisions
-    def _apply(self, d: C.Decision) -> None:
+    def _apply(self, d: C.Decision, words: np.ndarray | None = None) -> None:
         st = self.state
         if d.kind == C.START:
             self._start(d)
@@ -493,7 +678,9 @@ class EplbClient:
         elif d.kind == C.REJECT:
             st.last_decided_id = d.plan_id
             self.stats.plans_rejected += 1
-            self._note_error(d.plan_id, d.error, "plan rejected")
+            if d.error in C.MISMATCH_ERRORS:
+                self.stats.plans_mismatched += 1
+            self._note_error(d.plan_id, d.error, "plan rejected" + self._mismatch_detail(d, words))
             self.stats.history.append(("reject", d.plan_id, st.sync))
             self._queue_status(PlanStatus(d.plan_id, PLAN_REJECTED, 0, d.error, time.time_ns()))
 
@@ -625,6 +812,20 @@ class EplbClient:
         self._xfer = None
         self._exec_err = 0
         self._abort_req = False
+
+    def _mismatch_detail(self, d: C.Decision, words: np.ndarray | None) -> str:
+        """For a rejection because nodes disagree: which plan each node's ranks held."""
+        if d.error not in C.MISMATCH_ERRORS or words is None:
+            return ""
+        w = np.asarray(words)
+        per_node = []
+        for n in range(self.layout.num_nodes):
+            rows = w[n * self.rpn : (n + 1) * self.rpn]
+            ids = sorted({int(v) for v in rows[:, C.W_CAND_ID]})
+            hashes = sorted({int(v) for v in rows[:, C.W_CAND_HASH]})
+            per_node.append(f"node {n}: plan {ids} hash {[f'{h:x}' for h in hashes]}")
+        what = "only some nodes published it" if d.error == C.ERR_DIVERGED else "nodes' plans differ"
+        return f" ({what}; " + ", ".join(per_node) + ")"
 
     def _note_error(self, plan_id: int, code: int, what: str) -> None:
         self.stats.last_error = code

@@ -33,6 +33,17 @@ produced; it gets the epoch :func:`partial_epoch` ``(X.id, c)`` =
 ``2**62 | c << 40 | X.id`` with c the committed changed layers (0 < c < n).
 Every placement thus has a unique epoch, and a plan built on any of them can be
 validated exactly. An abort with nothing committed keeps the base epoch.
+
+Several nodes. Each node's daemon publishes into its own node's domain and the
+ranks of a node read only that one, so a plan starts only when every rank, on
+every node, holds the same id with the same hash. Equal ids with different
+hashes are rejected at once (``ERR_HASH_MISMATCH``). A plan that only some
+nodes' daemons published (a daemon down, slow, configured differently) leaves
+the ranks' candidate ids unequal; :func:`track_divergence` counts the syncs
+this lasts in :attr:`Agreed.diverging_since`, and after ``divergence_syncs``
+syncs :func:`decide` rejects the newest candidate with ``ERR_DIVERGED``: the
+node leaders write that into PlanStatus, which unblocks every daemon for the
+next trigger.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ __all__ = [
     "decide",
     "partial_epoch",
     "error_name",
+    "track_divergence",
 ]
 
 (
@@ -82,6 +94,7 @@ ERR_TRANSFER = 21  # a p2p transfer failed or timed out
 ERR_TIMEOUT = 22  # no commit progress for plan_timeout_syncs syncs
 ERR_ABORT_REQUESTED = 23  # a rank asked to abort (request_abort, shutdown)
 ERR_INTERNAL = 24  # unexpected exception on a rank
+ERR_DIVERGED = 25  # only some nodes published the plan, for divergence_syncs syncs
 
 _ERR_NAMES = {
     ERR_NONE: "none",
@@ -94,7 +107,10 @@ _ERR_NAMES = {
     ERR_TIMEOUT: "timeout",
     ERR_ABORT_REQUESTED: "abort_requested",
     ERR_INTERNAL: "internal",
+    ERR_DIVERGED: "diverged",
 }
+#: Errors that mean the nodes' daemons disagree (not a fault of the plan itself).
+MISMATCH_ERRORS = (ERR_HASH_MISMATCH, ERR_DIVERGED)
 
 _PARTIAL_BIT = 1 << 62
 
@@ -126,6 +142,7 @@ class Agreed:
     committed: int = 0  # changed layers committed
     last_progress_sync: int = 0
     last_decided_id: int = -1  # plans with id <= this are never started again
+    diverging_since: int = -1  # sync since which candidate ids differ between ranks (-1: they agree)
 
 
 # Decision kinds.
@@ -155,11 +172,14 @@ def check_replicated(words: np.ndarray | list[list[int]]) -> None:
     )
 
 
-def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
+def decide(words: np.ndarray, st: Agreed, timeout_syncs: int, divergence_syncs: int = 0) -> Decision:
     """The one decision all ranks take at this sync from the gathered words [R, NUM_WORDS].
 
     ``st`` is the agreed state *now* (its ``sync`` is the current sync index);
     ``words`` were packed at the previous sync, after that sync's decision.
+    ``divergence_syncs`` > 0: reject (``ERR_DIVERGED``) the newest candidate once
+    the ranks' candidate ids have differed since ``st.diverging_since`` for that
+    many syncs (see :func:`track_divergence`); 0 never rejects for that.
     Pure and deterministic: equal inputs give equal decisions on every rank.
     Works on Python lists: for a few dozen ranks that is several times cheaper
     than a chain of small numpy operations on the forward thread.
@@ -185,10 +205,21 @@ def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
         return Decision(NONE)
 
     x = r0[W_CAND_ID]
+    if any(r[W_CAND_ID] != x for r in rows):
+        # Not every rank has read the same plan: usually for a sync or two (daemons
+        # publish at slightly different times); for long only if the nodes' daemons
+        # disagree on whether (or which) plan to make.
+        newest = max(r[W_CAND_ID] for r in rows)
+        if (
+            divergence_syncs > 0
+            and newest > st.last_decided_id
+            and st.diverging_since >= 0
+            and st.sync - st.diverging_since >= divergence_syncs
+        ):
+            return Decision(REJECT, newest, error=ERR_DIVERGED)
+        return Decision(NONE)
     if x <= st.last_decided_id:
         return Decision(NONE)  # the common case: nothing new
-    if any(r[W_CAND_ID] != x for r in rows):
-        return Decision(NONE)  # not every rank has read the same plan yet
     for r in rows:
         if r[W_CAND_STATUS] >= 16:
             return Decision(REJECT, x, error=r[W_CAND_STATUS])
@@ -199,3 +230,25 @@ def decide(words: np.ndarray, st: Agreed, timeout_syncs: int) -> Decision:
     if all(r[W_CAND_STATUS] == CAND_OK for r in rows):
         return Decision(START, x, plan_hash=r0[W_CAND_HASH])
     return Decision(NONE)  # some rank still validating (or re-validating for this epoch)
+
+
+def candidate_ids(words: np.ndarray) -> list[int]:
+    """Each rank's candidate plan id (-1 none) from the gathered words [R, NUM_WORDS]."""
+    return [int(v) for v in np.asarray(words)[:, W_CAND_ID]]
+
+
+def track_divergence(words: np.ndarray, st: Agreed) -> None:
+    """Update ``st.diverging_since`` after this sync's decision was applied.
+
+    Set to the current sync when, with no plan active, some rank holds a
+    candidate newer than ``st.last_decided_id`` that not every rank holds;
+    reset to -1 as soon as the ids agree, nothing new is pending, or a plan is
+    active. A function of the gathered words and the agreed state only, so it
+    stays replicated.
+    """
+    ids = candidate_ids(words)
+    newest = max(ids)
+    if st.active_id >= 0 or newest <= st.last_decided_id or all(i == newest for i in ids):
+        st.diverging_since = -1
+    elif st.diverging_since < 0:
+        st.diverging_since = st.sync

@@ -142,7 +142,8 @@ def test_compat_names_a_changed_signature_and_version(monkeypatch: pytest.Monkey
 
 
 def test_entry_point_loaded_by_vllm_patches_only_when_enabled() -> None:
-    """vLLM's own plugin loader finds `eplbd` in vllm.general_plugins; inert, then enabled."""
+    """vLLM's own plugin loader finds `eplbd` in vllm.general_plugins: inert, refused on an
+    untested version (the error reaches vLLM's startup), then enabled."""
     code = r"""
 import os, vllm.plugins as P
 from vllm.distributed.eplb.eplb_state import EplbState
@@ -150,6 +151,17 @@ orig = EplbState.step
 P.load_general_plugins()
 assert EplbState.step is orig, "patched although EPLBD_ENABLE is unset"
 os.environ["EPLBD_ENABLE"] = "1"
+import vllm
+from eplbd_vllm.compat import VllmCompatError
+vllm.__version__, real = "0.34.0", vllm.__version__
+P.plugins_loaded = False
+try:
+    P.load_general_plugins()
+    raise AssertionError("an untested vLLM was accepted")
+except VllmCompatError as e:
+    assert "0.34.0: untested" in str(e), e
+assert EplbState.step is orig, "patched although the version check failed"
+vllm.__version__ = real
 P.plugins_loaded = False
 P.load_general_plugins()
 import eplbd_vllm.bridge as B

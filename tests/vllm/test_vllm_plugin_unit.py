@@ -177,3 +177,11 @@ def test_host_rejects_maps_too_narrow_and_mixed_layer_shapes() -> None:
     ms.model.expert_weights[1][0] = torch.zeros(4, 5)
     with pytest.raises(ValueError, match="layer 1"):
         VllmExpertHost(ms, 2)
+
+
+def test_elastic_ep_is_refused_before_vllm_builds_anything() -> None:
+    from eplbd_vllm import bridge
+
+    state = SimpleNamespace(parallel_config=SimpleNamespace(enable_elastic_ep=True), model_states={})
+    with pytest.raises(RuntimeError, match="elastic EP"):
+        bridge._add_model(state, object(), object())

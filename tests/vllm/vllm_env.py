@@ -33,6 +33,9 @@ def _vllm_skip_reason() -> str | None:
     try:
         import vllm.distributed.eplb.eplb_state  # noqa: F401
     except Exception as e:
+        # Drop a half-imported or namespace `vllm` so that nothing else picks it up.
+        for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+            del sys.modules[name]
         return (
             f"vLLM is not importable here ({type(e).__name__}: {e}); "
             "run `make test-vllm` (clients/vllm/setup_test_env.sh builds its environment)"

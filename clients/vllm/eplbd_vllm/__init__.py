@@ -38,9 +38,8 @@ def register() -> None:
 
     settings = read_settings()
     try:
-        import eplbd_client  # noqa: F401
-
         import eplbd  # noqa: F401
+        import eplbd_client  # noqa: F401
     except ImportError as e:
         raise ImportError(
             f"eplbd-vllm: EPLBD_ENABLE is set but eplbd's client is not importable ({e}); "

@@ -50,10 +50,10 @@ class ModelBridge:
     """eplbd for one model registered in one ``EplbState`` (one EP rank)."""
 
     def __init__(self, eplb_state: Any, model_state: Any, settings: PluginSettings) -> None:
-        from eplbd_client import ClientConfig, EplbClient
         from vllm.distributed.parallel_state import get_ep_group, get_eplb_group, get_node_count
 
         from eplbd.geometry import Geometry
+        from eplbd_client import ClientConfig, EplbClient
 
         from .host import VllmExpertHost, expert_bytes_of
 
@@ -199,7 +199,9 @@ def _step(self: Any, is_dummy: bool = False, is_profile: bool = False, log_stats
     # is_profile: vLLM's profile run would do a dummy rearrangement to reserve its
     # own transfer buffers; eplbd's staging is allocated by the client. log_stats:
     # vLLM's balancedness log costs an all-reduce; eplbd-ctl status shows beta.
-    if is_profile:
+    if is_profile:  # not a serving step: drop its counts, do not advance the sync schedule
+        for ms in self.model_states.values():
+            ms.expert_load_pass.zero_()
         return
     for b in bridges(self).values():
         b.step(is_dummy)
