@@ -82,7 +82,7 @@ def run_replays(
     return rows
 
 
-def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = False) -> dict:
+def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = True) -> dict:
     tr = drifting_trace(40, g.num_layers, g.num_experts, 0, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
     out: dict = {"geometry": g.to_dict(), "repeats": repeats}
     for pol in POLICIES:
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30, help="speed: timed calls per policy")
     ap.add_argument("--quick", action="store_true", help="60 synthetic windows, 5 timed calls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ap.add_argument("--adaptive-slack", action="store_true", help="moveaware: slack fitted to each history")
+    ap.add_argument("--fixed-slack", action="store_true",
+                    help="moveaware: fixed default slack, not one fitted to each history")
     ap.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN,
                     help="the daemon's publish gate replay applies (default %(default)s, the daemon's)")
     args = ap.parse_args(argv)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         args.windows, args.repeats = 60, 5
     g = Geometry.deepseek_v3()
     synth = drifting_trace(args.windows, g.num_layers, g.num_experts, args.seed, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
-    kw = {"adaptive": args.adaptive_slack, "min_gain": args.min_gain}
+    kw = {"adaptive": not args.fixed_slack, "min_gain": args.min_gain}
     rows = run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast, **kw)
     skipped = []
     for path in args.traces:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         interval, history = cadence(T)
         rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast, **kw)
-    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10), args.adaptive_slack)
+    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10), not args.fixed_slack)
     if args.json:
         print(json.dumps({"replay": rows, "speed": sp, "skipped": skipped}, indent=2))
         return 0

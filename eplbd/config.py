@@ -55,10 +55,10 @@ class Config:
     shm_prefix: str = "eplbd."
     num_iterations: int = 3000
     history_windows: int = 16
-    forecast: str = "ema"  # = eplbd.policy.pipeline.DEFAULT_FORECAST (tested)
+    forecast: str = "auto"  # = eplbd.policy.pipeline.DEFAULT_FORECAST (tested)
     forecast_alpha: float = 0.3
     policy: str = "moveaware"
-    min_gain: float = 0.02
+    min_gain: float = 0.0  # = eplbd.policy.pipeline.DEFAULT_MIN_GAIN (tested)
     max_moves_per_plan: int = 0
     poll_interval_s: float = 0.1
     discovery_interval_s: float = 0.5

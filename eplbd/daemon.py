@@ -284,7 +284,10 @@ class DomainWorker(threading.Thread):
         disagree, e.g. different configs or versions, or one is down. The
         rejection is final, so :meth:`plan_in_flight` does not wait for it.
         """
-        st = self.dom.read_plan_status()
+        try:
+            st = self.dom.read_plan_status()
+        except Exception:  # torn under contention: only a log line is at stake, look again next loop
+            return
         key = (st.plan_id, st.state, st.error)
         if key == self._status_seen:
             return

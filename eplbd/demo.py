@@ -37,8 +37,15 @@ rank 0's step time includes waiting for the slowest rank):
   or balancing (one copy of every expert, ``TinyMoE.reference_forward``); at the
   end every rank checks bitwise that each slot holds its expert's weights.
 
-Geometry: E = 16 experts, S = ceil(1.5 E / R) slots per rank (about half as
-many redundant slots as experts).
+Defaults (:class:`DemoSpec`): 4 ranks, L = 4 layers, E = 16 experts, S = ceil(1.5 E / R)
+slots per rank (about half as many redundant slots as experts), d = 256, h = 512
+(1 MiB per expert, so stop-the-world's pause is visible), 128 tokens per step,
+top-2, sync every 4 steps, a plan every 32 steps, 400 steps per mode, shift at
+60%. The client's staging pool holds a whole plan (L x S experts) unless
+``--max-staged`` bounds it: the plan then moves a few layers per sync.
+
+Changing d or h changes the gate's spread (~0.5 sqrt(d)) relative to the fixed
+``skew``; the default skew gives β ≈ 0.47 without balancing at d = 256.
 """
 
 from __future__ import annotations
@@ -905,6 +912,17 @@ def plot(spec: DemoSpec, results: dict[str, Any], path: str) -> None:
             fl = r["in_flight"]
             ax2.scatter(
                 steps[fl], r["step_ms"][fl], s=6, color="tab:cyan", label="eplbd: plan in flight", zorder=3
+            )
+        if mode == "stw" and (r["pause_ms"] > 0).any():
+            ps = r["pause_ms"] > 0
+            ax2.scatter(
+                steps[ps],
+                r["step_ms"][ps],
+                s=18,
+                marker="v",
+                color="darkred",
+                label="stop-the-world: plan executed in the step",
+                zorder=4,
             )
     for ax in (ax1, ax2):
         ax.axvline(spec.shift_step, color="k", ls=":", lw=1)

@@ -37,7 +37,7 @@ from eplbd.forecast import METHODS
 from eplbd.geometry import Geometry
 from eplbd.placement import count_moves, default_phy2log, peak_lower_bound, rank_loads
 from eplbd.policy import DEFAULT_POLICY, POLICIES, gate, propose
-from eplbd.policy.pipeline import DEFAULT_FORECAST, DEFAULT_FORECAST_ALPHA, DEFAULT_MIN_GAIN
+from eplbd.policy.pipeline import DEFAULT_ADAPTIVE, DEFAULT_FORECAST, DEFAULT_FORECAST_ALPHA, DEFAULT_MIN_GAIN
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace
 
 __all__ = ["TraceError", "ReplayResult", "validate_trace", "replay", "configure_parser", "run_cli"]
@@ -134,7 +134,7 @@ def replay(
     history: int = 10,
     forecast_method: str = DEFAULT_FORECAST,
     options: dict[str, Any] | None = None,
-    adaptive: bool = False,
+    adaptive: bool = DEFAULT_ADAPTIVE,
     min_gain: float = DEFAULT_MIN_GAIN,
     max_moves: int = 0,
     forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
@@ -144,7 +144,7 @@ def replay(
     Each plan is :func:`eplbd.policy.propose` on the history windows, published
     under the daemon's rule :func:`eplbd.policy.gate` (``min_gain``,
     ``max_moves``; defaults = the daemon's config defaults), exactly as the
-    daemon decides. With ``adaptive`` (opt-in) and policy moveaware, each
+    daemon decides. With ``adaptive`` (the default, as the daemon) and policy moveaware, each
     plan's ``slack`` comes from :func:`eplbd.policy.suggest_slack` on its
     history windows, unless ``options`` sets it. A plan the gate skips counts
     as a plan with no moves.
@@ -242,9 +242,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option min_gain=0.02")  # fmt: skip
     p.add_argument("--fixed-slack", action="store_true",
-                   help="moveaware: the policy's default slack (the default, as the daemon)")  # fmt: skip
+                   help="moveaware: the policy's fixed default slack instead of the fitted one")  # fmt: skip
     p.add_argument("--adaptive-slack", action="store_true",
-                   help="moveaware: a slack fitted to each plan's history (suggest_slack)")  # fmt: skip
+                   help="moveaware: a slack fitted to each plan's history (suggest_slack; the default, "
+                   "as the daemon)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw β and moves over time (needs matplotlib)")
 
@@ -302,7 +303,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
         res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
-                     adaptive=args.adaptive_slack and not args.fixed_slack, min_gain=args.min_gain,
+                     adaptive=not args.fixed_slack, min_gain=args.min_gain,
                      max_moves=args.max_moves,
                      forecast_alpha=args.forecast_alpha)  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options

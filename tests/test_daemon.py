@@ -71,16 +71,13 @@ print(json.dumps({{"latest": d.latest_plan_id(), "id": p.plan_id, "base": p.base
 
 def expected_plan_hash(ld: Leader, trig: int, history: int = 16) -> int:
     """What any node's daemon must publish for trigger ``trig`` (default config)."""
-    from eplbd.forecast import forecast
     from eplbd.planner import build_plan
-    from eplbd.policy import rebalance
+    from eplbd.policy import propose
 
     wins = [ld.dom.read_window(w) for w in range(max(0, trig - history + 1), trig + 1)]
     loads = np.stack([w.loads for w in wins if w is not None])
-    fc = forecast(loads, method="ema", alpha=0.3)
     epoch, cur = ld.dom.read_placement()
-    new = rebalance(fc, cur, ld.g, policy="moveaware")
-    return build_plan(trig, epoch, cur, new, ld.g).hash
+    return build_plan(trig, epoch, cur, propose(loads, cur, ld.g).phy2log, ld.g).hash
 
 
 def test_publishes_valid_plan_after_threshold(tmp_path: Path, prefix: str) -> None:

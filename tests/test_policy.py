@@ -264,14 +264,19 @@ def test_moveaware_beats_greedy_with_fewer_moves_on_drifting_trace() -> None:
 def test_moveaware_from_current_reaches_scratch_balance() -> None:
     g = Geometry(4, 64, 16, 5, num_nodes=2)
     w = drifting_trace(1, 4, 64, seed=9)[0].astype(float)
-    cur = default_phy2log(g)
     scratch = rebalance(w, None, g, "greedy")
-    tight = rebalance(w, cur, g, slack=0.0)
+    # From the engine default (an arbitrary start) every layer takes the best candidate.
+    first = rebalance(w, default_phy2log(g), g)
+    assert balancedness(w, first, g) >= balancedness(w, scratch, g) - 1e-9
+    # From a placement made for other loads: tight settings reach from-scratch balance
+    # with fewer moves than greedy.
+    cur = rebalance(drifting_trace(1, 4, 64, seed=4)[0], None, g, "greedy")
+    tight = rebalance(w, cur, g, slack=0.0, tolerance=0.0)
     assert balancedness(w, tight, g) >= balancedness(w, scratch, g) - 0.005
-    assert count_moves(cur, tight, g).remote < 0.75 * count_moves(cur, scratch, g).remote
-    # default: stops once no rank is more than `slack` (6%) above the mean, with fewer moves still
+    assert count_moves(cur, tight, g).remote < 0.9 * count_moves(cur, scratch, g).remote
+    # default: stops within `tolerance` of the best candidate, with fewer moves still
     loose = rebalance(w, cur, g)
-    assert balancedness(w, loose, g) >= 1 / 1.06 - 0.01
+    assert balancedness(w, loose, g) >= 1 / 1.06 - 0.02
     assert count_moves(cur, loose, g).remote <= count_moves(cur, tight, g).remote
 
 
@@ -289,3 +294,32 @@ def test_suggest_slack_follows_predictability() -> None:
     assert 0.005 <= s_steady < 0.02 < s_drift <= 0.08
     assert suggest_slack(steady[:1], cur, g) == NO_ESTIMATE_SLACK
     assert suggest_slack(np.zeros((4, 4, 64)), cur, g) == NO_ESTIMATE_SLACK
+
+
+def test_relabelled_scratch_keeps_rank_loads_and_moves_less() -> None:
+    from eplbd.policy._common import align_to
+
+    g = Geometry(4, 64, 16, 5, num_nodes=2)
+    w = drifting_trace(2, 4, 64, seed=5)
+    cur = rebalance(w[0], None, g, "greedy")
+    scratch = rebalance(w[1], None, g, "greedy")
+    rel = align_to(scratch, cur, g.slots_per_rank)
+    validate_phy2log(rel, g)
+    # a rank permutation: the multiset of rank loads of every layer is unchanged
+    a, b = rank_loads(w[1], rel, g), rank_loads(w[1], scratch, g)
+    assert np.array_equal(np.sort(a, axis=1), np.sort(b, axis=1))
+    assert count_moves(cur, rel, g).total < count_moves(cur, scratch, g).total
+
+
+def test_moveaware_held_out_beats_greedy_on_steady_trace() -> None:
+    from eplbd.replay import replay
+
+    g = Geometry(4, 64, 16, 5, num_nodes=2)
+    rng = np.random.default_rng(11)
+    p = rng.lognormal(0, 1.2, (4, 64))
+    p /= p.sum(axis=1, keepdims=True)
+    tr = np.stack([[rng.multinomial(20_000, p[layer]) for layer in range(4)] for _ in range(40)])
+    ma = replay(tr, g, "moveaware", 5, 5).summary()
+    gr = replay(tr, g, "greedy", 5, 5).summary()
+    assert ma["beta_mean"] >= gr["beta_mean"]
+    assert ma["moves_remote_steady_per_plan"] <= 0.1 * gr["moves_remote_steady_per_plan"]

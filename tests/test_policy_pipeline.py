@@ -38,10 +38,12 @@ def test_propose_is_forecast_then_rebalance() -> None:
     p = propose(win, cur, G)
     fc = forecast(win, DEFAULT_FORECAST, alpha=DEFAULT_FORECAST_ALPHA)
     assert np.array_equal(p.predicted, fc)
-    assert np.array_equal(p.phy2log, rebalance(fc, cur, G))  # what the daemon tests expect
+    assert p.options == {"slack": suggest_slack(win.astype(np.float64), cur, G)}  # adaptive by default
+    assert np.array_equal(p.phy2log, rebalance(fc, cur, G, **p.options))
     assert p.phy2log.dtype == np.int32 and validate_phy2log(p.phy2log, G) is not None
     assert p.beta_now == balancedness(fc, cur, G) and p.beta_pred == balancedness(fc, p.phy2log, G)
-    assert p.gain == p.beta_pred - p.beta_now and p.policy == DEFAULT_POLICY and p.options == {}
+    assert p.gain == p.beta_pred - p.beta_now and p.policy == DEFAULT_POLICY
+    assert propose(win, cur, G, adaptive=False).options == {}
     assert p.forecast_ms >= 0 and p.policy_ms >= 0
 
 

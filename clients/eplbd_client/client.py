@@ -223,15 +223,24 @@ class NodeLayout(NamedTuple):
 LAUNCHER_NODE_VARS = ("GROUP_RANK", "NODE_RANK")
 
 
-def launcher_node(env: Mapping[str, str], global_rank: int) -> tuple[int | None, str, str]:
+def launcher_node(
+    env: Mapping[str, str], global_rank: int, global_world: int | None = None
+) -> tuple[int | None, str, str]:
     """This process's node label from torchrun-style variables: (label or None, source, problem).
 
     ``GROUP_RANK`` / ``NODE_RANK`` give it directly; otherwise ``LOCAL_WORLD_SIZE``
     gives ``global_rank // LOCAL_WORLD_SIZE``, and ``LOCAL_RANK`` must then equal
-    ``global_rank % LOCAL_WORLD_SIZE``. Never raises: a problem is returned as text
-    so that every rank can raise the same error after one all-gather.
+    ``global_rank % LOCAL_WORLD_SIZE``. Variables whose ``RANK`` / ``WORLD_SIZE``
+    are not this process's (inherited from an outer launch) are ignored. Never
+    raises: a problem is returned as text so that every rank can raise the same
+    error after one all-gather.
     """
     try:
+        if env.get("RANK", "").strip() and int(env["RANK"]) != global_rank:
+            return None, "", ""
+        ws = env.get("WORLD_SIZE", "").strip()
+        if global_world is not None and ws and int(ws) != global_world:
+            return None, "", ""
         for var in LAUNCHER_NODE_VARS:
             text = env.get(var, "").strip()
             if text:
@@ -384,7 +393,7 @@ class EplbClient:
         if cfg.node_id is not None:
             mine: tuple[int | None, str, str] = (cfg.node_id, "config node_id", "")
         else:
-            mine = launcher_node(os.environ, dist.get_rank())
+            mine = launcher_node(os.environ, dist.get_rank(), dist.get_world_size())
         views: list[Any] = [None] * self.world
         dist.all_gather_object(views, mine, group=group)
         problems = [f"rank {r}: {p}" for r, (_, _, p) in enumerate(views) if p]

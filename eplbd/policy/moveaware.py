@@ -63,7 +63,8 @@ __all__ = ["moveaware", "DEFAULTS"]
 
 #: Default options; ``rebalance(..., policy="moveaware", **options)`` overrides them.
 DEFAULTS: dict[str, float | int] = {
-    "min_gain": 0.03,  # per-layer β gain below which a layer keeps its placement
+    "min_gain": 0.0,  # per-layer β gain below which a layer keeps its placement (0: off)
+    "tolerance": 0.04,  # keep / only repair while the peak is within this of the best candidate
     "rounds": 8,  # local-search rounds with a current placement
     "scratch_rounds": 256,  # local-search rounds from scratch (moves are free then)
     "partners": 16,  # rank pairs (heaviest with lightest) balanced per local-search round
@@ -184,12 +185,30 @@ def _granular(new: np.ndarray, w: np.ndarray, g: Geometry, rounds: int, bisect: 
     new[rows] = best
 
 
+def _scratch(w: np.ndarray, counts: np.ndarray, g: Geometry, rounds: int) -> np.ndarray:
+    """From-scratch placement [B, P] int32 for loads [B, E] with replica ``counts`` [B, E].
+
+    LPT fill (heaviest replica onto the least loaded rank), duplicate repair,
+    then swap local search over all rank pairs until no swap helps (at most
+    ``rounds`` rounds per pass). Deterministic.
+    """
+    B, E = w.shape
+    R, S = g.num_ranks, g.slots_per_rank
+    alt = np.full((B, R * S), -1, dtype=np.int64)
+    _fill(alt, w, counts, counts, g, None, 0.0)
+    alt = alt.astype(np.int32)
+    repair_duplicates(alt, w, E, S)
+    _improve(alt, w, E, S, rounds, R, 1e-9 * w.sum(axis=1) / R, 0, outer=1)
+    return alt
+
+
 def moveaware(
     loads: np.ndarray,
     current: np.ndarray | None,
     g: Geometry,
     *,
     min_gain: float = float(DEFAULTS["min_gain"]),
+    tolerance: float = float(DEFAULTS["tolerance"]),
     rounds: int = int(DEFAULTS["rounds"]),
     scratch_rounds: int = int(DEFAULTS["scratch_rounds"]),
     partners: int = int(DEFAULTS["partners"]),
@@ -221,41 +240,59 @@ def moveaware(
         return new
 
     cur = np.asarray(current, dtype=np.int32)
-    # Pre-gate: a layer whose predicted β cannot gain min_gain even at the lower
-    # bound of its peak is left alone without any work.
+    # A layer still on the engine default placement (slot p holds p mod E, an
+    # arbitrary start) must move a lot anyway: it gets the best candidate
+    # (tolerance 0), normally the relabelled from-scratch one.
+    fresh = (cur == (np.arange(P, dtype=np.int32) % E)[None, :]).all(axis=1)
+    # Balancing much tighter than the forecast error (``slack``) buys little held-out balance.
+    thr = np.where(fresh, 1.0, 1.0 + max(tolerance, 2.0 * (slack - 0.015), 0.0))
+    # Pre-gate: a layer already within `tolerance` of the lower bound of its
+    # peak (so of any candidate), or that could not gain min_gain even at that
+    # bound, is left alone without any work.
     pk_cur = rank_loads_of(w, cur, E, S).max(axis=1)
     lb = np.maximum(mean, (w / counts).max(axis=1))
-    rows = np.nonzero(mean / _safe(lb) - mean / _safe(pk_cur) >= max(min_gain, 1e-12))[0]
+    gain_max = mean / _safe(lb) - mean / _safe(pk_cur)
+    rows = np.nonzero((pk_cur > lb * thr) & (gain_max >= max(min_gain, 1e-12)))[0]
     out = cur.copy()
     if rows.size == 0:
         return out
-    _, c0 = slot_shares(w[rows], cur[rows], E)
-    # Target counts: min-max counts, reached from the current ones only by
-    # transfers that clearly pay off (hysteresis against noise).
-    tgt = adjust_counts(w[rows], c0, g.max_replicas, count_ratio, count_floor * mean[rows], P)
-    new = _incremental(w[rows], cur[rows], tgt, g, partners, node_penalty)
-    wr, mr = w[rows], mean[rows]
-    _improve(new, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=(1 + slack) * mr)
-    # Where local repair got stuck above its target, a from-scratch placement
-    # relabelled onto the current ranks (so that what can stay, stays) may do
-    # much better; take it where it lowers the peak by > 1%.
-    pk_a = rank_loads_of(wr, new, E, S).max(axis=1)
-    stuck = np.nonzero(pk_a > np.maximum(lb[rows], (1 + slack) * mr) * 1.005)[0]
-    if stuck.size:
-        ws = wr[stuck]
-        alt = np.full((stuck.size, P), -1, dtype=np.int64)
-        _fill(alt, ws, counts[rows][stuck], counts[rows][stuck], g, None, 0.0)
-        alt = alt.astype(np.int32)
-        repair_duplicates(alt, ws, E, S)
-        _improve(alt, ws, E, S, scratch_rounds // 4, R, 1e-9 * mr[stuck], 0, above=(1 + slack) * mr[stuck])
-        alt = align_to(alt, cur[rows][stuck], S)
-        better = rank_loads_of(ws, alt, E, S).max(axis=1) < pk_a[stuck] * 0.99
-        new[stuck[better]] = alt[better]
+    wr, mr, lbr, curr, thr = w[rows], mean[rows], lb[rows], cur[rows], thr[rows]
+    # Candidate (b), incremental repair: min-max counts reached from the current
+    # ones only by transfers that clearly pay off (hysteresis against noise),
+    # keep what is wanted, fill deficits, local search above the target peak.
+    _, c0 = slot_shares(wr, curr, E)
+    tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P)
+    inc = _incremental(wr, curr, tgt, g, partners, node_penalty)
+    above = np.maximum((1 + slack) * mr, lbr * thr)
+    _improve(inc, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=above)
+    pk_inc = rank_loads_of(wr, inc, E, S).max(axis=1)
+    # Candidate (c), a from-scratch placement relabelled onto the current ranks
+    # (a rank permutation keeps its rank loads exactly, so what can stay, stays);
+    # only where (b) is not already within `tolerance` of the bound.
+    best = np.minimum(pk_cur[rows], pk_inc)
+    pk_c = np.full(rows.size, np.inf)
+    alt = inc
+    need = np.nonzero(pk_inc > lbr * thr)[0]
+    if need.size:
+        sc = _scratch(wr[need], counts[rows][need], g, scratch_rounds)
+        alt = inc.copy()
+        alt[need] = align_to(sc, curr[need], S)
+        pk_c[need] = rank_loads_of(wr[need], alt[need], E, S).max(axis=1)
+        best = np.minimum(best, pk_c)
+    # Per layer the candidate with the fewest moves (keep < repair < scratch)
+    # whose peak is within `tolerance` of the best candidate's.
+    lim = best * thr
+    keep = pk_cur[rows] <= lim
+    use_inc = ~keep & (pk_inc <= lim)
+    use_c = ~keep & ~use_inc
+    out[rows[use_inc]] = inc[use_inc]
+    out[rows[use_c]] = alt[use_c]
     # Gain gate against the placement in force.
-    pk_new = rank_loads_of(wr, new, E, S).max(axis=1)
-    gain = mr / _safe(pk_new) - mr / _safe(pk_cur[rows])
-    take = (gain >= min_gain) & (pk_new < pk_cur[rows])
-    out[rows[take]] = new[take]
+    if min_gain > 0:
+        pk_new = rank_loads_of(wr, out[rows], E, S).max(axis=1)
+        gain = mr / _safe(pk_new) - mr / _safe(pk_cur[rows])
+        back = gain < min_gain
+        out[rows[back]] = curr[back]
     return out
 
 

@@ -10,7 +10,7 @@ replay mirrors it with :func:`gate`.
 Steps:
 
 1. ``predicted = forecast(windows, method, alpha=forecast_alpha)`` [L, E].
-2. For ``moveaware`` with ``adaptive`` (opt-in) and no explicit ``slack``
+2. For ``moveaware`` with ``adaptive`` (default) and no explicit ``slack``
    option: ``slack = suggest_slack(windows, current, g)`` (how far the
    forecast itself is from the load it predicts, measured on the history).
 3. ``phy2log = rebalance(predicted, current, g, policy, **options)``.
@@ -42,16 +42,20 @@ __all__ = [
     "DEFAULT_FORECAST",
     "DEFAULT_FORECAST_ALPHA",
     "DEFAULT_MIN_GAIN",
+    "DEFAULT_ADAPTIVE",
 ]
 
-#: Forecast the pipeline uses unless told otherwise (config ``forecast``, replay ``--forecast``).
-#: ("auto", which fits each layer's smoothing to the history, scores a little higher on the
-#: synthetic trace; it is opt-in until the daemon tests take their expected plan from here.)
-DEFAULT_FORECAST = "ema"
+#: Forecast the pipeline uses unless told otherwise (config ``forecast``, replay ``--forecast``):
+#: "auto" fits each layer's smoothing to the history (held-out β >= "ema" on the real traces).
+DEFAULT_FORECAST = "auto"
 #: Smoothing of the "ema"/"share_ema"/"trend" forecasts (config ``forecast_alpha``).
 DEFAULT_FORECAST_ALPHA = 0.3
 #: The daemon's default publish gate (config ``min_gain``): β gain on the forecast a plan must bring.
-DEFAULT_MIN_GAIN = 0.02
+#: 0: moveaware gates each layer itself (a layer moves only when its peak is more than its
+#: tolerance above the best candidate's), so a global gate would only block small follow-ups.
+DEFAULT_MIN_GAIN = 0.0
+#: Whether moveaware's ``slack`` is fitted to the history (:func:`eplbd.policy.suggest_slack`).
+DEFAULT_ADAPTIVE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +95,7 @@ def propose(
     forecast: str = DEFAULT_FORECAST,
     forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
     options: dict[str, Any] | None = None,
-    adaptive: bool = False,
+    adaptive: bool = DEFAULT_ADAPTIVE,
 ) -> Proposal:
     """Forecast windows [W, L, E] (oldest first) and place for it against ``current`` [L, P] or None.
 

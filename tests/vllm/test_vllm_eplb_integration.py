@@ -47,19 +47,27 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD, L, E, S = 4, 3, 8, 3  # P = 12: 4 redundant slots
-K = 2  # EPLBD_SYNC_INTERVAL
+K = 2  # EPLBD_CLIENT_SYNC_INTERVAL
 T = 12  # tokens per rank per step
 MAX_STEPS = 600
 WANT_COMMITS = 3
 
 
+# (model name, MoE layers, weight seed): a main model, and a drafter as vLLM's MTP has.
+MODELS = {
+    1: [("tiny-org/Tiny-MoE", L, 0)],
+    2: [("tiny-org/Tiny-MoE", L, 0), ("Tiny-MoE-draft", 2, 7)],
+}
+
+
 class _ModelConfig:
     """Stand-in for vllm.config.ModelConfig: EplbState.add_model reads only these two."""
 
-    model = "tiny-org/Tiny-MoE"
+    def __init__(self, model: str) -> None:
+        self.model = model
 
     def compute_hash(self) -> str:
-        return "tiny-moe-hash"
+        return "hash-" + self.model
 
 
 def _spy(counter: dict[str, int], name: str, fn: Any) -> Any:
@@ -78,7 +86,7 @@ def _tokens(step: int, rank: int) -> Any:
     return torch.randint(-2, 3, (T, 6), generator=g).double()
 
 
-def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
+def rank_main(rank: int, port: int, env: dict[str, str], n_models: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -133,84 +141,103 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
         )
         ps.initialize_model_parallel(tensor_model_parallel_size=WORLD, backend="gloo")
         group = ps.get_ep_group().device_group
-        model = TinyVllmMoE(L, E, WORLD, S, rank)
         state = es.EplbState(pc, torch.device("cpu"))
-        state.add_model(model, _ModelConfig())
+        tracks: list[dict[str, Any]] = []
+        for i, (name, layers, seed) in enumerate(MODELS[n_models]):
+            model = TinyVllmMoE(layers, E, WORLD, S, rank, seed=seed)
+            # vLLM registers a drafter with an explicit model_name, the main model without.
+            state.add_model(model, _ModelConfig(name), model_name=name if i else None)
+            tracks.append({"model": model, "L": layers, "ms": state.model_states["hash-" + name]})
         if state.is_async:  # the runner starts vLLM's worker thread when this is set
             state.start_async_loop()
-        ((key, ms),) = state.model_states.items()
-        bridge = bridges(state)[key]
-        client = bridge.client
-        maps = (ms.physical_to_logical_map, ms.logical_to_physical_map, ms.logical_replica_count)
-        ptrs = [t.data_ptr() for t in maps]
-        p2l0 = client.phy2log.copy()
-        model(_tokens(10**6, rank), True, group)  # vLLM's profile run: a dummy forward records...
+        table = bridges(state)
+        for tr in tracks:
+            ms = tr["ms"]
+            (tr["bridge"],) = [b for b in table.values() if b.model_state is ms]
+            tr["client"] = tr["bridge"].client
+            tr["maps"] = (ms.physical_to_logical_map, ms.logical_to_physical_map, ms.logical_replica_count)
+            tr["ptrs"] = [t.data_ptr() for t in tr["maps"]]
+            tr["p2l0"] = tr["client"].phy2log.copy()
+            tr["expected"] = np.zeros((MAX_STEPS // K + 1, tr["L"], E), dtype=np.int64)
+            tr["model"](_tokens(10**6, rank), True, group)  # vLLM's profile run: a dummy forward records...
         state.step(is_dummy=True, is_profile=True)  # ...then no rearrangement, no sync, counts dropped
-        assert not ms.expert_load_pass.any()
-        out["initial_matches_vllm"] = bool(np.array_equal(p2l0, ms.physical_to_logical_map.numpy()))
+        for tr in tracks:
+            assert not tr["ms"].expert_load_pass.any()
+            assert np.array_equal(tr["p2l0"], tr["ms"].physical_to_logical_map.numpy())
 
-        expected = np.zeros((MAX_STEPS // K + 1, L, E), dtype=np.int64)
         exact = dummies = 0
         t0 = time.perf_counter()
         step = 0
+        want = WANT_COMMITS if n_models == 1 else 2
         for step in range(MAX_STEPS):  # noqa: B007 - used after the loop
-            model.set_hot(step)
             dummy = step % 7 == rank  # an idle DP rank runs a dummy batch; its counts must not count
             x = _tokens(step, rank)
-            y = model(x, True, group)
-            if dummy:
-                dummies += 1
-            else:
-                ref = model.reference(x)
-                assert torch.equal(y, ref), f"step {step}: max diff {(y - ref).abs().max()}"
-                exact += 1
-                for i, layer in enumerate(model.layers):
-                    expected[step // K, i] += np.bincount(layer.last_topk.reshape(-1).numpy(), minlength=E)
+            for tr in tracks:
+                model = tr["model"]
+                model.set_hot(step)
+                y = model(x, True, group)
+                if not dummy:
+                    ref = model.reference(x)
+                    assert torch.equal(y, ref), f"step {step}: max diff {(y - ref).abs().max()}"
+                    exact += 1
+                    for i, layer in enumerate(model.layers):
+                        tr["expected"][step // K, i] += np.bincount(
+                            layer.last_topk.reshape(-1).numpy(), minlength=E
+                        )
+            dummies += dummy
             state.step(is_dummy=dummy, log_stats=True)
             assert bool(state.should_record_tensor)  # vLLM would switch recording off between windows
-            # vLLM's maps: in place, equal to vLLM's own derivation from the placement in force.
-            assert [t.data_ptr() for t in maps] == ptrs
-            assert np.array_equal(ms.physical_to_logical_map.numpy(), client.phy2log)
-            ltp, rc = es.compute_logical_maps(ms.physical_to_logical_map.clone(), E)
-            assert torch.equal(ms.logical_replica_count, rc)
-            assert torch.equal(ms.logical_to_physical_map[..., : ltp.shape[-1]], ltp)
-            assert (ms.logical_to_physical_map[..., ltp.shape[-1] :] == -1).all()
-            for i, layer in enumerate(model.layers):
-                assert (
-                    layer.eplb_state.logical_to_physical_map.data_ptr()
-                    == ms.logical_to_physical_map[i].data_ptr()
-                )
-            if client.stats.plans_committed >= WANT_COMMITS and client.active_plan < 0:
+            for tr in tracks:
+                ms, client = tr["ms"], tr["client"]
+                # vLLM's maps: in place, equal to vLLM's own derivation from the placement in force.
+                assert [t.data_ptr() for t in tr["maps"]] == tr["ptrs"]
+                assert np.array_equal(ms.physical_to_logical_map.numpy(), client.phy2log)
+                ltp, rc = es.compute_logical_maps(ms.physical_to_logical_map.clone(), E)
+                assert torch.equal(ms.logical_replica_count, rc)
+                assert torch.equal(ms.logical_to_physical_map[..., : ltp.shape[-1]], ltp)
+                assert (ms.logical_to_physical_map[..., ltp.shape[-1] :] == -1).all()
+                for i, layer in enumerate(tr["model"].layers):
+                    assert (
+                        layer.eplb_state.logical_to_physical_map.data_ptr()
+                        == ms.logical_to_physical_map[i].data_ptr()
+                    )
+            if all(t["client"].stats.plans_committed >= want and t["client"].active_plan < 0 for t in tracks):
                 break
         out["seconds"] = time.perf_counter() - t0
-        out.update(steps=step + 1, exact=exact, dummies=dummies)
-        out["mismatches"] = model.slot_mismatches(client.phy2log)
-        out["phy2log"] = client.phy2log.copy()
-        out["moved"] = int((client.phy2log != p2l0).sum())
-        out["stats"] = {k: v for k, v in vars(client.stats).items() if k != "history"}
-        out["history"] = list(client.stats.history)
-        out["bytes_per_sync"] = bridge.bytes_per_sync()
-        out["domain"] = client.domain_name
-        out["is_async"] = state.is_async
-
-        # The windows the daemon was given vs the true loads of all ranks' real tokens.
-        exp_t = torch.from_numpy(expected)
-        torch.distributed.all_reduce(exp_t, group=group)
+        out.update(steps=step + 1, exact=exact, dummies=dummies, is_async=state.is_async)
+        out["models"] = []
+        for tr in tracks:
+            client, bridge = tr["client"], tr["bridge"]
+            res = {
+                "mismatches": tr["model"].slot_mismatches(client.phy2log),
+                "phy2log": client.phy2log.copy(),
+                "moved": int((client.phy2log != tr["p2l0"]).sum()),
+                "stats": {k: v for k, v in vars(client.stats).items() if k != "history"},
+                "history": list(client.stats.history),
+                "bytes_per_sync": bridge.bytes_per_sync(),
+                "domain": client.domain_name,
+                "L": tr["L"],
+            }
+            # The windows the daemon was given vs the true loads of all ranks' real tokens.
+            exp_t = torch.from_numpy(tr["expected"])
+            torch.distributed.all_reduce(exp_t, group=group)
+            if rank == 0:
+                dom = Domain.attach(client.domain_name)
+                deadline = time.monotonic() + 10
+                want_last = bridge.syncs - 2  # the last gathered window is published at the next sync
+                while dom.latest_window_id() < want_last and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                wins = dom.read_windows(64)
+                res["windows_checked"] = len(wins)
+                res["window_mismatch"] = [
+                    w.window_id for w in wins if not np.array_equal(w.loads, exp_t[w.window_id].numpy())
+                ]
+                res["window_steps_ok"] = all(
+                    (w.step_begin, w.step_end) == (w.window_id * K, (w.window_id + 1) * K) for w in wins
+                )
+                dom.close()
+            out["models"].append(res)
         if rank == 0:
-            dom = Domain.attach(client.domain_name)
-            deadline = time.monotonic() + 10
-            want_last = bridge.syncs - 2  # the last gathered window is published at the next sync
-            while dom.latest_window_id() < want_last and time.monotonic() < deadline:
-                time.sleep(0.01)
-            wins = dom.read_windows(64)
-            out["windows_checked"] = len(wins)
-            out["window_mismatch"] = [
-                w.window_id for w in wins if not np.array_equal(w.loads, exp_t[w.window_id].numpy())
-            ]
-            out["window_steps_ok"] = all(
-                (w.step_begin, w.step_end) == (w.window_id * K, (w.window_id + 1) * K) for w in wins
-            )
-            dom.close()
             st = subprocess.run(
                 [
                     sys.executable,
@@ -231,12 +258,12 @@ def rank_main(rank: int, port: int, env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _child(rank: int, port: int, env: dict[str, str], q: Any, hang_s: float) -> None:
+def _child(rank: int, port: int, env: dict[str, str], n_models: int, q: Any, hang_s: float) -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(hang_s, exit=True)  # a hang shows where, in the test output
     try:
-        q.put((rank, True, rank_main(rank, port, env)))
+        q.put((rank, True, rank_main(rank, port, env, n_models)))
     except BaseException:
         q.put((rank, False, traceback.format_exc()))
     finally:
@@ -245,14 +272,17 @@ def _child(rank: int, port: int, env: dict[str, str], q: Any, hang_s: float) -> 
         os._exit(0)  # skip atexit/finalizers inherited from the forked test process
 
 
-def _launch(env: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+def _launch(env: dict[str, str], n_models: int, timeout: float) -> list[dict[str, Any]]:
     from eplbd_client.testing import free_port
 
     ctx = mp.get_context("fork")  # vLLM is already imported here: fork saves ~10 s per rank
     q = ctx.Queue()
     port = free_port()
     hang_s = timeout - 15
-    procs = [ctx.Process(target=_child, args=(r, port, env, q, hang_s), daemon=True) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_child, args=(r, port, env, n_models, q, hang_s), daemon=True)
+        for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -299,42 +329,48 @@ def _start_daemon(tmp: Path, prefix: str) -> tuple[subprocess.Popen[bytes], Path
     return proc, log
 
 
-def test_vllm_eplb_state_balanced_by_live_daemon(shm_prefix: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("n_models", [1, 2], ids=["model", "model+drafter"])
+def test_vllm_eplb_state_balanced_by_live_daemon(shm_prefix: str, tmp_path: Path, n_models: int) -> None:
     daemon, log = _start_daemon(tmp_path, shm_prefix)
     env = {
         "EPLBD_ENABLE": "1",
         "EPLBD_SHM_PREFIX": shm_prefix,
-        "EPLBD_SYNC_INTERVAL": str(K),
-        "EPLBD_MAX_STAGED_EXPERTS": str(WORLD * S),
+        "EPLBD_CLIENT_SYNC_INTERVAL": str(K),
+        "EPLBD_CLIENT_MAX_STAGED_EXPERTS": str(WORLD * S),
     }
     try:
-        res = _launch(env, timeout=float(os.environ.get("EPLBD_TEST_TIMEOUT", "240")))
+        res = _launch(env, n_models, timeout=float(os.environ.get("EPLBD_TEST_TIMEOUT", "240")))
     finally:
         daemon.terminate()
         try:
             daemon.wait(10)
         except subprocess.TimeoutExpired:
             daemon.kill()
-    r0 = res[0]
-    print(
-        f"\n{r0['steps']} steps in {r0['seconds']:.1f} s, {r0['stats']['plans_committed']} plans committed, "
-        f"{r0['moved']} slots moved, bytes per sync {r0['bytes_per_sync']}, "
-        f"{r0['windows_checked']} windows checked\n{r0['ctl_status']}"
-    )
-    for r in res:
-        assert r["calls"] == {}, f"vLLM's own rearrangement ran on rank {r['rank']}: {r['calls']}"
-        assert r["initial_matches_vllm"] and not r["is_async"]
-        assert r["mismatches"] == [], r["mismatches"]
-        assert r["exact"] > 0 and r["dummies"] > 0
-        assert np.array_equal(r["phy2log"], r0["phy2log"]) and r["history"] == r0["history"]
-    assert r0["stats"]["plans_committed"] >= WANT_COMMITS, (r0["stats"], log.read_text()[-3000:])
-    assert r0["moved"] > 0
-    assert r0["windows_checked"] >= 4 and r0["window_mismatch"] == [] and r0["window_steps_ok"]
-    assert r0["domain"].startswith(shm_prefix + "vllm") and r0["domain"].endswith(".Tiny-MoE")
-    assert r0["domain"] in r0["ctl_status"]
     from eplbd_client.control import NUM_WORDS
 
-    assert r0["bytes_per_sync"] == {
-        "reduce_scatter_in": L * WORLD * S * 8,
-        "all_gather_send": (L * S + NUM_WORDS) * 8,
-    }
+    r0 = res[0]
+    print(f"\n{r0['steps']} steps in {r0['seconds']:.1f} s")
+    for m in r0["models"]:
+        print(
+            f"{m['domain']}: {m['stats']['plans_committed']} plans committed, {m['moved']} slots moved, "
+            f"bytes per sync {m['bytes_per_sync']}, {m['windows_checked']} windows checked"
+        )
+    print(r0["ctl_status"])
+    for r in res:
+        assert r["calls"] == {}, f"vLLM's own rearrangement ran on rank {r['rank']}: {r['calls']}"
+        assert not r["is_async"] and r["exact"] > 0 and r["dummies"] > 0
+        for m, m0 in zip(r["models"], r0["models"], strict=True):
+            assert m["mismatches"] == [], m["mismatches"]
+            assert np.array_equal(m["phy2log"], m0["phy2log"]) and m["history"] == m0["history"]
+    tags = [".Tiny-MoE", ".Tiny-MoE-draft"][:n_models]
+    for m, tag in zip(r0["models"], tags, strict=True):
+        assert m["stats"]["plans_committed"] >= 2, (m["stats"], log.read_text()[-3000:])
+        assert m["moved"] > 0
+        assert m["windows_checked"] >= 4 and m["window_mismatch"] == [] and m["window_steps_ok"]
+        assert m["domain"].startswith(shm_prefix + "vllm") and m["domain"].endswith(tag)
+        assert m["domain"] in r0["ctl_status"]
+        assert m["bytes_per_sync"] == {
+            "reduce_scatter_in": m["L"] * WORLD * S * 8,
+            "all_gather_send": (m["L"] * S + NUM_WORDS) * 8,
+        }
+    assert r0["models"][0]["stats"]["plans_committed"] >= (WANT_COMMITS if n_models == 1 else 2)

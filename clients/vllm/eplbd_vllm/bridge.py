@@ -25,8 +25,10 @@ device, no collective, no host sync.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import socket
 import threading
 from typing import Any
 
@@ -43,17 +45,20 @@ _ATTR = "_eplbd_bridges"  # EplbState instance attribute: {model key: ModelBridg
 _lock = threading.Lock()
 _originals: dict[str, Any] = {}
 _settings: PluginSettings | None = None
+_client_config: Any = None  # eplbd_client.ClientConfig
 _all_bridges: list[ModelBridge] = []
 
 
 class ModelBridge:
     """eplbd for one model registered in one ``EplbState`` (one EP rank)."""
 
-    def __init__(self, eplb_state: Any, model_state: Any, settings: PluginSettings) -> None:
-        from vllm.distributed.parallel_state import get_ep_group, get_eplb_group, get_node_count
+    def __init__(
+        self, eplb_state: Any, model_state: Any, settings: PluginSettings, client_config: Any
+    ) -> None:
+        from vllm.distributed.parallel_state import get_ep_group, get_eplb_group
 
         from eplbd.geometry import Geometry
-        from eplbd_client import ClientConfig, EplbClient
+        from eplbd_client import EplbClient
 
         from .host import VllmExpertHost, expert_bytes_of
 
@@ -76,9 +81,17 @@ class ModelBridge:
         P = int(model.num_physical_experts)
         if R * S != P:
             raise RuntimeError(f"eplbd-vllm: {R} EP ranks x {S} local slots != {P} physical experts")
-        nodes = int(get_node_count())
+        cfg = client_config
+        if cfg.ranks_per_node is not None:
+            rpn = cfg.ranks_per_node
+            nodes = R // rpn if R % rpn == 0 else 1  # else the client raises, naming the problem
+        else:
+            # Node of each EP rank from its host name (vLLM's get_node_count counts the
+            # whole world, not this group): the client checks the ranks are node-major.
+            node_id, nodes = _node_of_rank(ep.cpu_group, cfg.node_id)
+            cfg = dataclasses.replace(cfg, node_id=node_id)
         if nodes < 1 or R % nodes:
-            nodes = 1  # as vLLM's own rearrange does when ranks do not split evenly
+            nodes = 1
         G = int(model.num_expert_groups or 1)
         if E % G:
             G = 1
@@ -91,13 +104,7 @@ class ModelBridge:
 
         job = settings.job or _default_job(ep.cpu_group)
         self.domain = settings.domain_name(job, model_tag(str(model_state.model_name)))
-        cfg = ClientConfig(
-            sync_interval=settings.sync_interval,
-            mode=settings.mode,
-            max_staged_experts=settings.max_staged_experts,
-            plan_timeout_syncs=settings.plan_timeout_syncs,
-            ranks_per_node=R // nodes,
-        )
+        self.sync_interval = cfg.sync_interval
         self.client = EplbClient(
             self.host,
             g,
@@ -126,8 +133,8 @@ class ModelBridge:
             R,
             S,
             nodes,
-            settings.sync_interval,
-            settings.mode,
+            cfg.sync_interval,
+            cfg.mode,
         )
 
     def bytes_per_sync(self) -> dict[str, int]:
@@ -148,7 +155,7 @@ class ModelBridge:
         self.steps += 1
         # EplbClient.step syncs (and drains its recorder) when its step count is a
         # multiple of sync_interval; it counts exactly the calls made here.
-        if self.steps % self.settings.sync_interval == 0:
+        if self.steps % self.sync_interval == 0:
             self._rs(self.mine.view(-1), self.acc.view(-1), group=self.group)
             self.acc.zero_()
             self.client.recorder.record_all(self.mine)
@@ -157,6 +164,19 @@ class ModelBridge:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _node_of_rank(cpu_group: Any, explicit: int | None) -> tuple[int, int]:
+    """(node label of this rank, number of nodes) over the EP group: the explicit
+    ``EPLBD_CLIENT_NODE_ID`` labels when set, else host names numbered in rank order."""
+    views: list[Any] = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(views, (explicit, socket.gethostname()), group=cpu_group)
+    if all(v[0] is not None for v in views):
+        labels = [int(v[0]) for v in views]
+    else:
+        order: dict[str, int] = {}
+        labels = [order.setdefault(host, len(order)) for _, host in views]
+    return labels[dist.get_rank(cpu_group)], len(set(labels))
 
 
 def _default_job(cpu_group: Any) -> str:
@@ -190,7 +210,7 @@ def _add_model(self: Any, model: Any, model_config: Any, model_name: str | None 
     table = self.__dict__.setdefault(_ATTR, {})
     assert _settings is not None
     for key, ms in new:
-        b = ModelBridge(self, ms, _settings)
+        b = ModelBridge(self, ms, _settings, _client_config)
         table[key] = b
         _all_bridges.append(b)
 
@@ -232,15 +252,22 @@ def installed() -> bool:
     return bool(_originals)
 
 
-def install(settings: PluginSettings) -> None:
-    """Patch ``EplbState`` at class level (idempotent; the first settings win)."""
-    global _settings
+def install(settings: PluginSettings, client_config: Any = None) -> None:
+    """Patch ``EplbState`` at class level (idempotent; the first settings win).
+
+    ``client_config``: an ``eplbd_client.ClientConfig`` (default: from ``EPLBD_CLIENT_*``)."""
+    global _settings, _client_config
     from vllm.distributed.eplb.eplb_state import EplbState
 
     with _lock:
         if _originals:
             return
+        if client_config is None:
+            from eplbd_client import ClientConfig
+
+            client_config = ClientConfig.from_env()
         _settings = settings
+        _client_config = client_config
         for name, fn in _PATCHES.items():
             orig = getattr(EplbState, name)
             _originals[name] = orig
@@ -250,7 +277,7 @@ def install(settings: PluginSettings) -> None:
 
 def uninstall() -> None:
     """Restore vLLM's methods and close every client (tests; vLLM itself never needs it)."""
-    global _settings
+    global _settings, _client_config
     from vllm.distributed.eplb.eplb_state import EplbState
 
     with _lock:
@@ -258,7 +285,7 @@ def uninstall() -> None:
         for name, orig in _originals.items():
             setattr(EplbState, name, orig)
         _originals.clear()
-        _settings = None
+        _settings = _client_config = None
 
 
 def _close_all() -> None:

@@ -159,7 +159,6 @@ CONTRACT: tuple[Requirement, ...] = (
         (),
         why="vLLM's separate EPLB group: eplbd's weight transfers (p2p)",
     ),
-    Requirement(f"{_PS}:get_node_count", "callable", (), why="nodes, for the geometry and node leaders"),
     Requirement(
         f"{_PS}:GroupCoordinator",
         "init_attrs",

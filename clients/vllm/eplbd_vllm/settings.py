@@ -1,22 +1,23 @@
-"""The plugin's settings, read from ``EPLBD_*`` environment variables (no vLLM import).
+"""The plugin's own settings, read from ``EPLBD_*`` environment variables (no vLLM import).
 
 Every vLLM process inherits the launching shell's environment, so environment
-variables reach the workers without any vLLM flag. Variables:
+variables reach the workers without any vLLM flag. The plugin's variables:
 
 ==============================  =========  ==================================================
 variable                        default    meaning
 ==============================  =========  ==================================================
 ``EPLBD_ENABLE``                (off)      ``1``/``true``/``yes``/``on`` turns the plugin on;
                                            anything else leaves vLLM untouched
-``EPLBD_SYNC_INTERVAL``         16         K: forward steps per stats sync (and per window)
-``EPLBD_MODE``                  async      ``async`` (side-thread transfers) or ``stw``
-``EPLBD_MAX_STAGED_EXPERTS``    S          staging entries per rank (bounds extra memory)
-``EPLBD_PLAN_TIMEOUT_SYNCS``    64         abort a plan with no commit progress for this long
 ``EPLBD_SHM_PREFIX``            eplbd.     shm name prefix; the daemon reads the same variable
 ``EPLBD_JOB``                   vllm<pid>  job part of the domain name (pid of EP rank 0)
 ``EPLBD_DOMAIN``                (derived)  full domain name; may use ``{prefix}``, ``{job}``,
                                            ``{model}``, ``{node}``
 ==============================  =========  ==================================================
+
+The client's settings are the engine-neutral ``EPLBD_CLIENT_<FIELD>`` variables
+of :meth:`eplbd_client.ClientConfig.from_env` (``EPLBD_CLIENT_SYNC_INTERVAL``,
+``EPLBD_CLIENT_MODE``, ``EPLBD_CLIENT_MAX_STAGED_EXPERTS``, ...), read by
+:func:`eplbd_vllm.register` when the plugin is enabled.
 
 The default domain name is ``{prefix}{job}.{model}``: one domain per served
 model (the main model and an MTP drafter get separate domains, as DESIGN.md asks).
@@ -32,7 +33,6 @@ from collections.abc import Mapping
 __all__ = ["PluginConfigError", "PluginSettings", "enabled", "model_tag", "read_settings"]
 
 _TRUE = ("1", "true", "yes", "on")
-_MODES = ("async", "stw")
 
 
 class PluginConfigError(ValueError):
@@ -47,10 +47,6 @@ class PluginConfigError(ValueError):
 class PluginSettings:
     """Validated plugin settings (see the module docstring for each field's variable)."""
 
-    sync_interval: int = 16
-    mode: str = "async"
-    max_staged_experts: int | None = None
-    plan_timeout_syncs: int = 64
     shm_prefix: str = "eplbd."
     job: str | None = None
     domain: str | None = None
@@ -70,25 +66,9 @@ def enabled(env: Mapping[str, str] | None = None) -> bool:
     return env.get("EPLBD_ENABLE", "").strip().lower() in _TRUE
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, lo: int) -> int | None:
-    text = env.get(name)
-    if text is None or not text.strip():
-        return default
-    try:
-        v = int(text.strip(), 10)
-    except ValueError:
-        raise PluginConfigError(name, f"must be an integer, got {text!r}") from None
-    if v < lo:
-        raise PluginConfigError(name, f"must be >= {lo}, got {v}")
-    return v
-
-
 def read_settings(env: Mapping[str, str] | None = None) -> PluginSettings:
     """Parse the ``EPLBD_*`` plugin variables; raises :class:`PluginConfigError` naming a bad one."""
     env = os.environ if env is None else env
-    mode = env.get("EPLBD_MODE", "async").strip().lower() or "async"
-    if mode not in _MODES:
-        raise PluginConfigError("EPLBD_MODE", f"must be one of {_MODES}, got {mode!r}")
     prefix = env.get("EPLBD_SHM_PREFIX", "eplbd.")
     if not prefix or "/" in prefix or "\0" in prefix:
         raise PluginConfigError("EPLBD_SHM_PREFIX", f"must be non-empty without '/' or NUL, got {prefix!r}")
@@ -96,10 +76,6 @@ def read_settings(env: Mapping[str, str] | None = None) -> PluginSettings:
     if job is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", job):
         raise PluginConfigError("EPLBD_JOB", f"only letters, digits, '_', '.', '-' allowed, got {job!r}")
     return PluginSettings(
-        sync_interval=_int(env, "EPLBD_SYNC_INTERVAL", 16, 1),  # type: ignore[arg-type]
-        mode=mode,
-        max_staged_experts=_int(env, "EPLBD_MAX_STAGED_EXPERTS", None, 1),
-        plan_timeout_syncs=_int(env, "EPLBD_PLAN_TIMEOUT_SYNCS", 64, 2),  # type: ignore[arg-type]
         shm_prefix=prefix,
         job=job,
         domain=env.get("EPLBD_DOMAIN") or None,
