@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-vllm lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# vLLM contract + integration tests, in their own venv (vLLM 0.33 on CPU torch, no CUDA
+# dependencies). Kept outside the clone so CI runs on fresh clones reuse it.
+VLLM_VENV ?= $(HOME)/.cache/eplbd/venv-vllm
+test-vllm:
+	mkdir -p $(dir $(VLLM_VENV))
+	EPLBD_VLLM_VENV=$(VLLM_VENV) bash clients/vllm/setup_test_env.sh
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

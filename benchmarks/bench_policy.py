@@ -18,7 +18,8 @@
    the same code called layer by layer in a Python loop (the speed-up figure).
 
 Columns: held-out β (mean over windows of Σ_l mean/Σ_l max rank load), the
-static (engine default placement) β, remote moves per plan at steady state
+static (engine default placement) β, ``hindsight``: β of greedy fitted to each
+window itself (an oracle with free moves; not a bound), remote moves per plan at steady state
 and in the first plan, policy ms per plan (median), and ``gap``: mean over
 windows of Σ_l peak_l / Σ_l bound_l - 1 where bound_l =
 max(mean rank load, min over replica counts of the largest per-replica load)
@@ -113,12 +114,13 @@ def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool 
 
 
 def table(rows: list[dict]) -> str:
-    hdr = ("trace", "geometry", "T", "I/W", "policy", "beta", "static", "steady mv", "first mv", "ms", "gap")
+    hdr = ("trace", "geometry", "T", "I/W", "policy", "beta", "static", "hindsight", "steady mv", "first mv",
+           "ms", "gap")  # fmt: skip
     lines = []
     for r in rows:
         cad = f"{r['interval']}/{r['history']}"
         lines.append((r["trace"], r["geometry"], str(r["windows"]), cad, r["policy"],
-                      f"{r['beta_mean']:.3f}", f"{r['beta_static']:.3f}",
+                      f"{r['beta_mean']:.3f}", f"{r['beta_static']:.3f}", f"{r['beta_hindsight']:.3f}",
                       f"{r['moves_remote_steady_per_plan']:.0f}", str(r["moves_remote_first"]),
                       f"{r['plan_ms_median']:.2f}", f"{r['peak_gap']:.3f}"))  # fmt: skip
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(hdr)]

@@ -204,10 +204,20 @@ def parse_config(
         raise ConfigError(e.key, e.detail, src) from None
 
 
+# Variables of the rank client and the vLLM plugin, which may share the daemon's environment.
+CLIENT_ENV = ("EPLBD_CLIENT_", "EPLBD_VLLM_", "EPLBD_ENABLE", "EPLBD_JOB", "EPLBD_DOMAIN")
+
+
 def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
-    """``EPLBD_*`` variable names that match no key (sorted)."""
+    """``EPLBD_*`` variable names that match no daemon key nor a client variable (sorted)."""
     env = os.environ if env is None else env
-    return sorted(n for n in env if n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX) :].lower() not in _FIELDS)
+    return sorted(
+        n
+        for n in env
+        if n.startswith(ENV_PREFIX)
+        and n[len(ENV_PREFIX) :].lower() not in _FIELDS
+        and not n.startswith(CLIENT_ENV)
+    )
 
 
 def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Config:

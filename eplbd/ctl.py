@@ -184,7 +184,11 @@ def domain_status(name: str, now_ns: int | None = None) -> dict[str, Any]:
                 "plan_id": int(st.plan_id),
                 "error": plan_error_name(st.error),
                 "reason": MISMATCH_ERRORS[int(st.error)],
-                "published_here": bool(st.plan_id == plan_id),
+                # True / False, or None when this node has published a newer plan since
+                # (only the latest id is kept, so whether it also had this one is unknown).
+                "published_here": True
+                if st.plan_id == plan_id
+                else (False if plan_id < st.plan_id else None),
                 "age_s": _age_s(st.updated_ns, now_ns),
             }
             if int(st.error) in MISMATCH_ERRORS
@@ -344,7 +348,7 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(
                 f"  MISMATCH    plan #{mm['plan_id']} rejected on every rank {_dur(mm['age_s'])} ago: "
                 f"{mm['error']} ({mm['reason']}"
-                + ("" if mm["published_here"] else "; this node's daemon did not publish it")
+                + ("; this node's daemon did not publish it" if mm["published_here"] is False else "")
                 + "); check that every node runs its daemon with the same config and version"
             )
         dm = d["daemon"]

@@ -302,7 +302,8 @@ class DomainWorker(threading.Thread):
             "error": plan_error_name(st.error),
         }
         if st.error in MISMATCH_ERRORS:
-            kv["published_here"] = "yes" if st.plan_id == self.dom.latest_plan_id() else "no"
+            mine = self.dom.latest_plan_id()
+            kv["published_here"] = "yes" if st.plan_id == mine else ("no" if mine < st.plan_id else "unknown")
             self.d.log.error(f"plan mismatch between nodes: {MISMATCH_ERRORS[st.error]}", **kv)
         else:
             self.d.log.warning(f"plan {state} by the ranks", layers_committed=st.layers_committed, **kv)

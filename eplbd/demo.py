@@ -99,8 +99,11 @@ class DemoSpec:
     sync_interval: int = 4  # K: steps per sync / window
     max_staged: int = 0  # client max_staged_experts; 0 = L * S (a whole plan staged at once)
     plan_every: int = 32  # daemon num_iterations: steps between plans
-    history_windows: int = 4
-    min_gain: float = 0.02
+    # Daemon keys; None = the daemon's own default (what a deployment gets). The history
+    # is scaled down with the plan interval: 4 windows = half of it, so a shift is followed fast.
+    history_windows: int | None = 4
+    min_gain: float | None = None
+    forecast: str | None = None
     seed: int = 0
     check_every: int = 25  # output check every this many steps (rank 0), plus the last step
     progress: bool = True
@@ -128,11 +131,11 @@ class DemoSpec:
         return Geometry(self.layers, self.experts, self.ranks, self.slots, expert_bytes=self.expert_bytes)
 
     def daemon_config(self, prefix: str) -> dict[str, Any]:
+        keys = {"history_windows": self.history_windows, "min_gain": self.min_gain, "forecast": self.forecast}
         return {
             "shm_prefix": prefix,
-            "num_iterations": self.plan_every,
-            "history_windows": self.history_windows,
-            "min_gain": self.min_gain,
+            "num_iterations": self.plan_every,  # scaled to the demo's few hundred steps
+            **{k: v for k, v in keys.items() if v is not None},
             "poll_interval_s": 0.02,
             "discovery_interval_s": 0.05,
             "heartbeat_interval_s": 0.25,

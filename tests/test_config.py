@@ -41,6 +41,8 @@ def test_env_overrides_are_typed(tmp_path: Path) -> None:
     assert (c.num_iterations, c.min_gain, c.policy, c.log_level) == (64, 0.25, "greedy", "debug")
     assert isinstance(c.min_gain, float)
     assert unknown_env({"EPLBD_NUM_ITERATIONS": "1", "EPLBD_TYPO": "x", "OTHER": "y"}) == ["EPLBD_TYPO"]
+    client_vars = {"EPLBD_CLIENT_SYNC_INTERVAL": "8", "EPLBD_ENABLE": "1", "EPLBD_VLLM_ALLOW_UNTESTED": "1"}
+    assert unknown_env(client_vars) == []
 
 
 @pytest.mark.parametrize(

@@ -286,6 +286,8 @@ def test_daemon_restarted_between_triggers_next_plans_agree(shm_prefix: str, tmp
         """Ranks are held right after the first commit: kill -9 node 1's daemon, start a new one."""
         old = daemons[1]
         old.kill9()
+        with Domain.attach(domain_tmpl(shm_prefix).format(node=1)) as dom:
+            box["last_old_plan"] = dom.latest_plan_id()  # may be past the commit we held at
         daemons[1] = start_daemon(tmp_path, shm_prefix, 1, tag="n1-restarted")
         wait_for(
             lambda: daemon_serving(domain_tmpl(shm_prefix).format(node=1), daemons[1].pid),
@@ -296,7 +298,7 @@ def test_daemon_restarted_between_triggers_next_plans_agree(shm_prefix: str, tmp
 
     try:
         res = run_job(
-            {"domain": domain_tmpl(shm_prefix), "commits": 3, "hold_after_commits": 1},
+            {"domain": domain_tmpl(shm_prefix), "commits": 4, "hold_after_commits": 1},
             dict(enumerate(daemons)),
             restart,
         )
@@ -305,11 +307,12 @@ def test_daemon_restarted_between_triggers_next_plans_agree(shm_prefix: str, tmp
             d.stop()
     check_same_everywhere(res)
     s = res[0]["stats"]
-    assert s["plans_committed"] >= 3 and s["plans_rejected"] == 0, (s, daemons[1].log())
-    first = history(res, "commit")[0]
-    after = [p for p in history(res, "commit") if p > first]
+    assert s["plans_committed"] >= 4 and s["plans_rejected"] == 0, (s, daemons[1].log())
+    # Plans newer than anything the killed daemon published came from the restarted one,
+    # with its memory lost, and agreed bit for bit with node 0's (else they would not start).
+    after = [p for p in history(res, "commit") if p > box["last_old_plan"]]
     new_ids = {int(ln.split("plan=")[1].split()[0]) for ln in daemons[1].lines("decision=publish")}
-    assert len(after) >= 2 and set(after) <= new_ids, (after, new_ids)  # from the restarted daemon
+    assert len(after) >= 2 and set(after) <= new_ids, (after, new_ids, box)
     assert res[0]["plan"] == res[2]["plan"]
 
 
@@ -365,7 +368,8 @@ def test_one_daemon_down_nothing_starts_and_no_rank_waits(shm_prefix: str, tmp_p
     mm0 = res[0]["ctl"]["domains"][0]["mismatch"]
     mm1 = res[2]["ctl"]["domains"][0]["mismatch"]
     assert mm0["error"] == mm1["error"] == "diverged"
-    assert mm0["published_here"] and not mm1["published_here"]
+    # Node 0's daemon may already have published its next plan (then it is unknown here).
+    assert mm0["published_here"] in (True, None) and mm1["published_here"] is False
     assert "this node's daemon did not publish it" in res[2]["ctl_text"]
 
 

@@ -23,7 +23,7 @@ KEYS = {
     "plans",
     "plan_ms_median",
     "beta_min",
-    "beta_bound",
+    "beta_hindsight",
     "peak_gap",
     "moves_cross_node_total",
 }
@@ -50,8 +50,10 @@ def test_json_summary(trace_file: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert set(s) >= KEYS
     assert s["plans"] == 4  # windows 5, 10, 15, 20
     assert s["held_out_from"] == 5
-    assert 0 < s["beta_static"] <= s["beta_bound"] <= 1.0
-    assert s["beta_mean"] <= s["beta_bound"] + 1e-12
+    assert "beta_bound" not in s  # the trivial bound read 1.000 on every realistic shape
+    # greedy fitted to each window in hindsight beats the static default placement
+    assert 0 < s["beta_static"] < s["beta_hindsight"] <= 1.0
+    assert s["peak_gap"] >= -1e-12
     assert s["geometry"]["num_groups"] == 2
 
 

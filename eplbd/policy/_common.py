@@ -214,26 +214,29 @@ def repair_duplicates(phy2log: np.ndarray, w: np.ndarray, num_experts: int, slot
     S = slots_per_rank
     B, P = phy2log.shape
     R = P // S
-    while True:
-        srt = np.sort(phy2log.reshape(B, R, S), axis=2)
-        dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
-        if dup.size == 0:
-            return
-        dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
-        h = holds_table(phy2log[dup[0, 0] : dup[0, 0] + 1], num_experts, S)
-        dup[0, 0], b0 = 0, int(dup[0, 0])
-        _, r, e = (int(x) for x in dup[0])
-        b = b0
+    srt = np.sort(phy2log.reshape(B, R, S), axis=2)
+    dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+    if dup.size == 0:
+        return
+    # A swap never creates a duplicate (rank(q) lacks e, r lacks row[q]) but may
+    # remove one (row[q] duplicated on rank(q)), so the duplicates left are a
+    # subset of this first list: fixing its entries in order, skipping those gone,
+    # is exactly "fix the first duplicate, re-sort, repeat" at one sort per call.
+    dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
+    q = np.arange(P)
+    rq = q // S
+    for b, r, e in dup.tolist():
         row = phy2log[b]
+        slots_r = np.arange(r * S, (r + 1) * S)
+        here = row[slots_r] == e
+        if int(here.sum()) < 2:
+            continue
+        hb = holds_table(row[None, :], num_experts, S)[0] > 0
         share, _ = slot_shares(w[b : b + 1], row[None, :], num_experts)
         share = share[0]
         rl = share.reshape(R, S).sum(axis=1)
-        slots_r = np.arange(r * S, (r + 1) * S)
-        p = int(slots_r[row[slots_r] == e][-1])
-        hb = h[0] > 0
+        p = int(slots_r[here][-1])
         # Candidate slots q on other ranks: their rank lacks e, and r lacks their expert.
-        q = np.arange(P)
-        rq = q // S
         ok = (rq != r) & ~hb[rq, e] & ~hb[r, row]
         dq = share[p] - share  # load moved from r to rank(q) when swapping p <-> q
         cost = np.maximum(rl[r] - dq, rl[rq] + dq)

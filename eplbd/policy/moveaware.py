@@ -85,11 +85,13 @@ def _fill(
     g: Geometry,
     src_on_node: np.ndarray | None,
     node_penalty: float,
-) -> None:
+) -> bool:
     """Place ``deficit`` [L, E] new replicas into the free (-1) slots of ``new`` [L, P], in place.
 
     ``src_on_node`` [L, N, E] bool: which nodes hold a source copy of each expert
-    (None: no preference).
+    (None: no preference). Returns whether some replica had to go on a rank that
+    already holds its expert (then the caller must run :func:`repair_duplicates`;
+    otherwise ``new`` has no duplicate that it did not have before).
     """
     L, E = w.shape
     R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
@@ -97,7 +99,7 @@ def _fill(
     nitems = deficit.sum(axis=1)
     fmax = int(nitems.max(initial=0))
     if fmax == 0:
-        return
+        return False
     # Items of every layer, heaviest share first (ties: lower expert id), padded with -1.
     idx = np.repeat(np.arange(L * E), deficit.ravel())
     lay, ex = np.divmod(idx, E)
@@ -109,31 +111,41 @@ def _fill(
     items[lay, col] = ex
 
     pl = new.reshape(L, R, S)
-    free = pl < 0  # [L, R, S]
+    isfree = new < 0
+    free = isfree.reshape(L, R, S)
     nfree = free.sum(axis=2)
-    kept = np.where(new >= 0, new, 0)  # free slots read as expert 0 with zero share
-    slot_sh = np.where(new >= 0, take_rows(share, kept.astype(np.int64)), 0.0)
+    kept = np.where(isfree, 0, new).astype(np.int64)  # free slots read as expert 0 with zero share
+    slot_sh = take_rows(share, kept)
+    slot_sh[isfree] = 0.0
     rl = slot_sh.reshape(L, R, S).sum(axis=2)
+    # holds[l, e, r]: rank r holds expert e (one [b, R] gather per item instead of an [b, R, S] scan).
+    holds = np.zeros((L, E, R), dtype=bool)
+    li, pi = np.nonzero(~isfree)
+    holds[li, kept[li, pi], pi // S] = True
     pen = node_penalty * w.sum(axis=1) / R  # [L]
     node_of = np.arange(R) // (R // N)
+    far_t = None if src_on_node is None else ~src_on_node.transpose(0, 2, 1)  # [L, E, N]
+    any_stuck = False
     for j in range(fmax):
-        rows = np.nonzero(items[:, j] >= 0)[0]
+        rows = np.nonzero(nitems > j)[0]
         e = items[rows, j]
+        score = rl[rows]
+        if far_t is not None:
+            score += far_t[rows, e][:, node_of] * pen[rows, None]
         closed = nfree[rows] == 0
-        score = rl[rows].copy()
-        if src_on_node is not None:
-            far = ~src_on_node[rows[:, None], node_of[None, :], e[:, None]]  # [b, R]
-            score += far * pen[rows, None]
-        blocked = closed | (pl[rows] == e[:, None, None]).any(axis=2)
+        blocked = closed | holds[rows, e]
         r = np.argmin(np.where(blocked, np.inf, score), axis=1)
-        stuck = blocked[np.arange(rows.size), r]
+        stuck = blocked.all(axis=1)
         if stuck.any():  # every open rank holds e: take one, repair_duplicates fixes it
+            any_stuck = True
             r = np.where(stuck, np.argmin(np.where(closed, np.inf, score), axis=1), r)
         s = np.argmax(free[rows, r], axis=1)  # first free slot of that rank
         pl[rows, r, s] = e
         free[rows, r, s] = False
         nfree[rows, r] -= 1
         rl[rows, r] += share[rows, e]
+        holds[rows, e, r] = True
+    return any_stuck
 
 
 def _improve(
@@ -195,9 +207,10 @@ def _scratch(w: np.ndarray, counts: np.ndarray, g: Geometry, rounds: int) -> np.
     B, E = w.shape
     R, S = g.num_ranks, g.slots_per_rank
     alt = np.full((B, R * S), -1, dtype=np.int64)
-    _fill(alt, w, counts, counts, g, None, 0.0)
+    stuck = _fill(alt, w, counts, counts, g, None, 0.0)
     alt = alt.astype(np.int32)
-    repair_duplicates(alt, w, E, S)
+    if stuck:
+        repair_duplicates(alt, w, E, S)
     _improve(alt, w, E, S, rounds, R, 1e-9 * w.sum(axis=1) / R, 0, outer=1)
     return alt
 
@@ -232,9 +245,9 @@ def moveaware(
     counts = replicate(w, P, cap=min(R, P - E + 1))
     if current is None:
         new = np.full((L, P), -1, dtype=np.int64)
-        _fill(new, w, counts, counts, g, None, 0.0)
+        if _fill(new, w, counts, counts, g, None, 0.0):
+            repair_duplicates(new, w, E, S)
         new = new.astype(np.int32)
-        repair_duplicates(new, w, E, S)
         _improve(new, w, E, S, scratch_rounds, R, 1e-9 * mean, max(scratch_rounds // 4, 1))
         _granular(new, w, g, scratch_rounds)
         return new
@@ -249,7 +262,8 @@ def moveaware(
     # Pre-gate: a layer already within `tolerance` of the lower bound of its
     # peak (so of any candidate), or that could not gain min_gain even at that
     # bound, is left alone without any work.
-    pk_cur = rank_loads_of(w, cur, E, S).max(axis=1)
+    sh_cur, c_cur = slot_shares(w, cur, E)  # [L, P], [L, E]: current shares and replica counts
+    pk_cur = sh_cur.reshape(L, R, S).sum(axis=2).max(axis=1)
     lb = np.maximum(mean, (w / counts).max(axis=1))
     gain_max = mean / _safe(lb) - mean / _safe(pk_cur)
     rows = np.nonzero((pk_cur > lb * thr) & (gain_max >= max(min_gain, 1e-12)))[0]
@@ -260,9 +274,9 @@ def moveaware(
     # Candidate (b), incremental repair: min-max counts reached from the current
     # ones only by transfers that clearly pay off (hysteresis against noise),
     # keep what is wanted, fill deficits, local search above the target peak.
-    _, c0 = slot_shares(wr, curr, E)
+    c0 = c_cur[rows]
     tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P)
-    inc = _incremental(wr, curr, tgt, g, partners, node_penalty)
+    inc = _incremental(wr, curr, c0, tgt, g, partners, node_penalty)
     above = np.maximum((1 + slack) * mr, lbr * thr)
     _improve(inc, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=above)
     pk_inc = rank_loads_of(wr, inc, E, S).max(axis=1)
@@ -301,13 +315,21 @@ def _safe(x: np.ndarray) -> np.ndarray:
 
 
 def _incremental(
-    w: np.ndarray, cur: np.ndarray, counts: np.ndarray, g: Geometry, partners: int, node_penalty: float
+    w: np.ndarray,
+    cur: np.ndarray,
+    c0: np.ndarray,
+    counts: np.ndarray,
+    g: Geometry,
+    partners: int,
+    node_penalty: float,
 ) -> np.ndarray:
-    """Steps 2-3 on a batch of layers: keep wanted replicas, drop surplus, fill deficits."""
+    """Steps 2-3 on a batch of layers: keep wanted replicas, drop surplus, fill deficits.
+
+    ``c0`` [L, E]: the replica counts of ``cur`` [L, P]; ``counts`` [L, E]: the target ones.
+    """
     L, E = w.shape
     R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
     P = R * S
-    _, c0 = slot_shares(w, cur, E)
     # Drop surplus replicas from the most loaded ranks (loads with the new shares).
     share_new = w / counts
     cur64 = cur.astype(np.int64)
@@ -327,7 +349,8 @@ def _incremental(
     new = np.where(drop, -1, cur64)
     # Fill the deficits, preferring nodes that hold a source copy.
     src_on_node = node_holds(cur, E, S, N)
-    _fill(new, w, counts, np.maximum(counts - c0, 0), g, src_on_node, node_penalty)
+    stuck = _fill(new, w, counts, np.maximum(counts - c0, 0), g, src_on_node, node_penalty)
     new = new.astype(np.int32)
-    repair_duplicates(new, w, E, S)
+    if stuck:
+        repair_duplicates(new, w, E, S)
     return new

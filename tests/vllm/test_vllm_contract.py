@@ -114,7 +114,13 @@ def test_parallel_state_accessors() -> None:
     for fn in ("get_ep_group", "get_eplb_group"):
         assert inspect.signature(getattr(parallel_state, fn)).parameters == {}, fn
     init_src = inspect.getsource(parallel_state.GroupCoordinator.__init__)
-    for attr in ("self.device_group", "self.cpu_group", "self.rank_in_group", "self.world_size"):
+    for attr in (
+        "self.device_group",
+        "self.cpu_group",
+        "self.rank_in_group",
+        "self.world_size",
+        "self.ranks",
+    ):
         assert attr in init_src, attr
 
 

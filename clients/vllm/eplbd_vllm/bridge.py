@@ -70,10 +70,7 @@ class ModelBridge:
             if not hasattr(ep, attr):
                 raise RuntimeError(f"eplbd-vllm: vLLM's EP GroupCoordinator has no {attr!r}")
         self.group = ep.device_group
-        try:
-            transfer_group = get_eplb_group().device_group
-        except AssertionError:  # no separate EPLB group: let the client make its own
-            transfer_group = None
+        transfer_group = _transfer_group(ep, get_eplb_group)
         R = int(ep.world_size)
         S = int(model.num_local_physical_experts)
         L = int(model.num_moe_layers)
@@ -164,6 +161,34 @@ class ModelBridge:
 
     def close(self) -> None:
         self.client.close()
+
+
+_eplb_group_taken = False  # vLLM's EPLB group serves the first model's transfers only
+
+
+def _transfer_group(ep: Any, get_eplb_group: Any) -> Any:
+    """A process group for one client's p2p weight transfers, used by its worker thread only.
+
+    The first model gets vLLM's EPLB group (same ranks as EP, kept apart from the
+    forward pass's collectives). Each further model (an MTP/EAGLE drafter) needs
+    a group of its own: two clients' workers on one group would interleave their
+    sends and receives (gloo matches them by peer and tag; NCCL needs one issue
+    order). It is made with ``new_subgroups_by_enumeration`` over every EP
+    group's ranks, a collective over the whole world: vLLM registers a drafter
+    on every rank (pipeline parallelism, where stages differ, is not supported).
+    """
+    global _eplb_group_taken
+    if not _eplb_group_taken:
+        _eplb_group_taken = True
+        try:
+            return get_eplb_group().device_group
+        except AssertionError:  # vLLM made no EPLB group: same construction as below
+            pass
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, tuple(sorted(int(r) for r in ep.ranks)))
+    groups = [list(r) for r in sorted(set(views))]
+    mine, _ = dist.new_subgroups_by_enumeration(groups, backend=dist.get_backend(ep.device_group))
+    return mine
 
 
 def _node_of_rank(cpu_group: Any, explicit: int | None) -> tuple[int, int]:
@@ -277,11 +302,12 @@ def install(settings: PluginSettings, client_config: Any = None) -> None:
 
 def uninstall() -> None:
     """Restore vLLM's methods and close every client (tests; vLLM itself never needs it)."""
-    global _settings, _client_config
+    global _settings, _client_config, _eplb_group_taken
     from vllm.distributed.eplb.eplb_state import EplbState
 
     with _lock:
         _close_all()
+        _eplb_group_taken = False
         for name, orig in _originals.items():
             setattr(EplbState, name, orig)
         _originals.clear()

@@ -162,7 +162,7 @@ CONTRACT: tuple[Requirement, ...] = (
     Requirement(
         f"{_PS}:GroupCoordinator",
         "init_attrs",
-        ("device_group", "cpu_group", "rank_in_group", "world_size"),
+        ("device_group", "cpu_group", "rank_in_group", "world_size", "ranks"),
         why="process groups and rank of the EP / EPLB coordinators",
     ),
     Requirement(
