@@ -108,7 +108,8 @@ class DemoSpec:
     check_every: int = 25  # output check every this many steps (rank 0), plus the last step
     progress: bool = True
     # Fault injection for tests: "RANK:STEP:raise", ":crash" (os._exit, no report) or
-    # ":corrupt" (alters the weights in layer 0's slots, which the checks must catch).
+    # ":corrupt" (alters the weights in layer 0's slots, which the checks must catch; with
+    # RANK "all" no rank keeps a clean copy that a later plan could move back in).
     fail_at: str = ""
 
     @property
@@ -232,15 +233,18 @@ class _Progress:
                 self._dom.close()
 
 
+ALL_RANKS = -1
+
+
 def _parse_fail(text: str) -> tuple[int, int, str]:
-    """``"RANK:STEP[:raise|crash|corrupt]"`` -> (rank, step, kind); ValueError naming the problem."""
+    """``"RANK|all:STEP[:raise|crash|corrupt]"`` -> (rank or ALL_RANKS, step, kind); ValueError says why."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(x.strip().isdigit() for x in parts[:2]):
-        raise ValueError(f"--fail-at must be RANK:STEP[:raise|crash|corrupt], got {text!r}")
+    if len(parts) not in (2, 3) or not (parts[0].isdigit() or parts[0] == "all") or not parts[1].isdigit():
+        raise ValueError(f"--fail-at must be RANK|all:STEP[:raise|crash|corrupt], got {text!r}")
     kind = parts[2] if len(parts) == 3 else "raise"
     if kind not in ("raise", "crash", "corrupt"):
         raise ValueError(f"--fail-at kind must be 'raise', 'crash' or 'corrupt', got {kind!r}")
-    return int(parts[0]), int(parts[1]), kind
+    return ALL_RANKS if parts[0] == "all" else int(parts[0]), int(parts[1]), kind
 
 
 def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain: str) -> dict[str, Any]:
@@ -284,11 +288,11 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
     changes: list[tuple[int, int, int, int]] = []  # (step, epoch, remote moves, local moves)
     first_commit_step = -1
     progress = _Progress(mode, N, domain) if (lead and spec.progress) else None
-    fail_rank, fail_step, fail_kind = _parse_fail(spec.fail_at) if spec.fail_at else (-1, -1, "")
+    fail_rank, fail_step, fail_kind = _parse_fail(spec.fail_at) if spec.fail_at else (-2, -1, "")
     try:
         p2l = client.phy2log
         for step in range(N):
-            if rank == fail_rank and step == fail_step:
+            if fail_rank in (rank, ALL_RANKS) and step == fail_step:
                 if fail_kind == "crash":
                     os._exit(3)
                 if fail_kind == "corrupt":  # layer 0's slots no longer hold their experts' weights
