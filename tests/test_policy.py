@@ -323,3 +323,19 @@ def test_moveaware_held_out_beats_greedy_on_steady_trace() -> None:
     gr = replay(tr, g, "greedy", 5, 5).summary()
     assert ma["beta_mean"] >= gr["beta_mean"]
     assert ma["moves_remote_steady_per_plan"] <= 0.1 * gr["moves_remote_steady_per_plan"]
+
+
+def test_first_plan_replica_rounds_only_from_engine_default() -> None:
+    # The first plan (layers on the engine default) also re-assigns replicas; it is
+    # deterministic and never worse on the forecast than greedy. From a placement
+    # that is not the engine default the option changes nothing (no steady-state cost).
+    g = Geometry(3, 64, 16, 5, num_nodes=2)
+    w = drifting_trace(1, 3, 64, seed=5)[0].astype(float)
+    a = rebalance(w, default_phy2log(g), g)
+    b = rebalance(w, default_phy2log(g), g)
+    assert np.array_equal(a, b)
+    assert balancedness(w, a, g) >= balancedness(w, rebalance(w, None, g, "greedy"), g) - 1e-9
+    cur = rebalance(drifting_trace(1, 3, 64, seed=6)[0], None, g, "greedy")
+    on = rebalance(w, cur, g, first_replica_rounds=4)
+    off = rebalance(w, cur, g, first_replica_rounds=0)
+    assert np.array_equal(on, off)

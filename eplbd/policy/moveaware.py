@@ -25,7 +25,9 @@ Starting from the placement in force, all layers at once:
    the forecast buys little held-out balance for many moves.
    (``replica_rounds`` > 0 adds rounds that re-assign one replica from a light
    rank to an expert of the peak rank, changing counts; off by default in
-   steady state: costly and rarely useful at DeepSeek-like shapes.)
+   steady state: costly and rarely useful at DeepSeek-like shapes; a plan in
+   which some layer is still on the engine default placement, the first plan,
+   uses ``first_replica_rounds``, at no steady-state cost.)
 5. **Gain gate**: a layer whose predicted β gain is below ``min_gain`` keeps
    its placement, so load noise alone moves (almost) nothing.
 
@@ -74,6 +76,8 @@ DEFAULTS: dict[str, float | int] = {
     "slack": 0.06,  # ranks within (1 + slack) x mean rank load are not touched by local search
     "count_ratio": 1.25,  # a replica moves to a hotter expert only if its share beats the donor's x this
     "count_floor": 0.1,  # ... and exceeds this x mean rank load
+    "slack_scale": 2.0,  # tolerance is at least slack_scale x (slack - 0.015): forecast error bounds the gain
+    "first_replica_rounds": 4,  # replica_rounds for a plan with a layer on the engine default placement
 }
 
 
@@ -231,6 +235,8 @@ def moveaware(
     slack: float = float(DEFAULTS["slack"]),
     count_ratio: float = float(DEFAULTS["count_ratio"]),
     count_floor: float = float(DEFAULTS["count_floor"]),
+    slack_scale: float = float(DEFAULTS["slack_scale"]),
+    first_replica_rounds: int = int(DEFAULTS["first_replica_rounds"]),
 ) -> np.ndarray:
     """New placement [L, P] int32 for forecast loads [L, E] (float64) given ``current`` [L, P] or None.
 
@@ -258,7 +264,7 @@ def moveaware(
     # (tolerance 0), normally the relabelled from-scratch one.
     fresh = (cur == (np.arange(P, dtype=np.int32) % E)[None, :]).all(axis=1)
     # Balancing much tighter than the forecast error (``slack``) buys little held-out balance.
-    thr = np.where(fresh, 1.0, 1.0 + max(tolerance, 2.0 * (slack - 0.015), 0.0))
+    thr = np.where(fresh, 1.0, 1.0 + max(tolerance, slack_scale * (slack - 0.015), 0.0))
     # Pre-gate: a layer already within `tolerance` of the lower bound of its
     # peak (so of any candidate), or that could not gain min_gain even at that
     # bound, is left alone without any work.
@@ -278,7 +284,10 @@ def moveaware(
     tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P)
     inc = _incremental(wr, curr, c0, tgt, g, partners, node_penalty)
     above = np.maximum((1 + slack) * mr, lbr * thr)
-    _improve(inc, wr, E, S, rounds, partners, min_step * mr, replica_rounds, above=above)
+    # Layers still on the engine default placement (the first plan) move a lot
+    # anyway: there replica re-assignment also runs (no cost in steady state).
+    rr = max(replica_rounds, first_replica_rounds) if fresh[rows].any() else replica_rounds
+    _improve(inc, wr, E, S, rounds, partners, min_step * mr, rr, above=above)
     pk_inc = rank_loads_of(wr, inc, E, S).max(axis=1)
     # Candidate (c), a from-scratch placement relabelled onto the current ranks
     # (a rank permutation keeps its rank loads exactly, so what can stay, stays);
