@@ -2,13 +2,16 @@
 
 Run: ``.venv/bin/python benchmarks/bench_client.py [--json] [--quick]``
 
-1. **Overhead** (4 gloo ranks, no model): per step, the wall time of the L
-   ``record`` calls plus ``step()``, minus the collective calls themselves on
-   sync steps (``ClientStats.last_collective_ns``: the all-gather launch and
-   the wait for the previous one). Median and p99 over all steps (sync steps
-   included), and the sync steps alone. Two geometries: the test model's
-   (L=4, S=6) and DeepSeek-V3's layer count and total slots on 4 ranks
-   (L=58, E=256, S=72, P=288).
+1. **Overhead** (4 gloo ranks, no model): per step, the wall time and the
+   forward thread's CPU time (``time.thread_time_ns``) of the L ``record``
+   calls (or one ``recorder.record_all``) plus ``step()``, minus the collective
+   calls themselves on sync steps (the all-gather launch and the wait for the
+   previous one: wall from ``ClientStats.last_collective_ns``, CPU measured by
+   wrapping the client's gather function and its work handle). Median and p99
+   over all steps (sync steps included), and the sync steps alone. Two
+   geometries: the test model's (L=4, S=6) and DeepSeek-V3's layer count and
+   total slots on 4 ranks (L=58, E=256, S=72, P=288). ``timer_overhead_us``:
+   the cost of the four clock reads around each step, included in every figure.
 2. **Bytes per sync** (computed, not measured): what each rank contributes to
    and receives from the all-gather of ``[L*S counts | control words]`` int64,
    against a ring all-reduce of logical loads [L, E] int64 (the ring moves
@@ -73,11 +76,55 @@ class _NullHost:
         pass
 
 
+class _TimedWork:
+    """A collective's work handle whose ``wait`` adds its thread CPU time to ``acc[0]``."""
+
+    def __init__(self, work: Any, acc: list[int]) -> None:
+        self._work, self._acc = work, acc
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        tt = time.thread_time_ns
+        c0 = tt()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._acc[0] += tt() - c0
+
+
+def _time_collectives(client: EplbClient) -> list[int]:
+    """Wrap the client's all-gather so that the forward thread's CPU time inside the
+    collective calls (launch and wait) accumulates in the returned one-element list."""
+    acc = [0]
+    gather = client._gather
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        tt = time.thread_time_ns
+        c0 = tt()
+        work = gather(*args, **kwargs)
+        acc[0] += tt() - c0
+        return _TimedWork(work, acc)
+
+    client._gather = timed
+    return acc
+
+
+def _timer_overhead_ns(n: int = 2000) -> float:
+    """Median cost of the clock reads that bracket each measured step."""
+    pc, tt = time.perf_counter_ns, time.thread_time_ns
+    d = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        t0, c0 = pc(), tt()
+        t1, c1 = pc(), tt()
+        d[i] = (t1 - t0 + c1 - c0) // 2
+    return float(np.median(d))
+
+
 def _overhead_rank(
     rank: int, world: int, g: Geometry, name: str, steps: int, k: int, all_at_once: bool
 ) -> dict[str, Any]:
     host = _NullHost(g)
     client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k))
+    coll_cpu = _time_collectives(client)
     counts = [torch.randint(0, 50, (g.slots_per_rank,)) for _ in range(g.num_layers)]
     stacked = torch.stack(counts)
     record = client.record
@@ -88,6 +135,7 @@ def _overhead_rank(
     cpu = np.zeros(steps, dtype=np.int64)
     sync = np.zeros(steps, dtype=bool)
     for i in range(steps):
+        coll_cpu[0] = 0
         t0, c0 = pc(), tt()
         if all_at_once:
             record_all(stacked)  # engines that count all layers in one tensor
@@ -99,11 +147,12 @@ def _overhead_rank(
         is_sync = (i + 1) % k == 0
         coll = client.stats.last_collective_ns if is_sync else 0
         wall[i] = t1 - t0 - coll
-        cpu[i] = c1 - c0 - (coll if is_sync else 0)  # the collective's call is on this thread too
+        cpu[i] = c1 - c0 - coll_cpu[0]
         sync[i] = is_sync
         time.sleep(0.0002)  # stands in for the forward: lets the all-gather finish in between
+    timer = _timer_overhead_ns()
     client.close()
-    return {"wall": wall, "cpu": cpu, "sync": sync}
+    return {"wall": wall, "cpu": cpu, "sync": sync, "timer": timer}
 
 
 def _pct(a: np.ndarray) -> dict[str, float]:
@@ -133,6 +182,7 @@ def bench_overhead(steps: int) -> dict[str, Any]:
             "sync_steps_wall": _pct(wall[sync]),
             "sync_steps_cpu": _pct(cpu[sync]),
             "mean_per_step_wall_us": float(wall.mean()) / 1e3,
+            "timer_overhead_us": float(np.median([r["timer"] for r in res])) / 1e3,
         }
     return out
 
@@ -246,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--json-out", metavar="PATH", help="also write the JSON report to PATH")
+    ap.add_argument("--overhead-only", action="store_true", help="only part 1 (and the computed bytes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     n_ovh, n_step = (800, 160) if args.quick else (4000, 400)
@@ -256,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             "deepseek_v3 (L=58 E=256 R=32 S=9)": bytes_per_sync(Geometry.deepseek_v3()),
             "test model (L=4 E=16 R=4 S=6)": bytes_per_sync(Geometry(4, 16, 4, 6)),
         },
-        "step_time": bench_steptime(n_step),
+        "step_time": None if args.overhead_only else bench_steptime(n_step),
     }
+    report["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
@@ -265,15 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         m = report["machine"]
-        print(f"machine: {m['cpus']} CPUs, load {m['loadavg_1m']:.1f}, torch {m['torch']}")
+        print(
+            f"machine: {m['cpus']} CPUs, load {m['loadavg_1m']:.1f} -> {m['loadavg_1m_end']:.1f}, "
+            f"torch {m['torch']}"
+        )
         print("forward-thread overhead of record (L calls) + step(), excluding the collective (µs):")
         for label, v in report["overhead_record_plus_step"].items():
             a, s = v["all_steps_wall"], v["sync_steps_wall"]
-            ac = v["all_steps_cpu"]
+            ac, sc = v["all_steps_cpu"], v["sync_steps_cpu"]
             print(
                 f"  {label:28s} all steps wall p50 {a['p50_us']:.1f} p99 {a['p99_us']:.1f} "
                 f"mean {v['mean_per_step_wall_us']:.1f} | cpu p50 {ac['p50_us']:.1f} p99 {ac['p99_us']:.1f} "
-                f"| sync steps wall p50 {s['p50_us']:.1f} p99 {s['p99_us']:.1f}"
+                f"| sync steps wall p50 {s['p50_us']:.1f} p99 {s['p99_us']:.1f} "
+                f"cpu p50 {sc['p50_us']:.1f} p99 {sc['p99_us']:.1f} "
+                f"(timer {v['timer_overhead_us']:.1f})"
             )
         print("bytes per sync per rank (computed):")
         for label, v in report["bytes_per_sync"].items():
@@ -283,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{v['allreduce_LxE_ring_traffic_per_rank']} B for [L,E], "
                 f"{v['allreduce_LxP_ring_traffic_per_rank']} B for [L,P]"
             )
-        print("step time, rank 0 (ms):")
         st = report["step_time"]
-        for mode in ("async", "stw"):
+        if st is not None:
+            print("step time, rank 0 (ms):")
+        for mode in ("async", "stw") if st is not None else ():
             v = st[mode]
             a, b = v["no_plan"], v["plan_in_flight"]
             line = f"  {mode:5s} no plan p50 {_ms(a['p50_us'])} p99 {_ms(a['p99_us'])} ({a['steps']} steps)"

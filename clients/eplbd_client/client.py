@@ -202,6 +202,9 @@ class ClientStats:
     # Wall time of the collective calls of the latest sync (launch + wait), so a
     # benchmark can subtract it from step() and see the client's own cost.
     last_collective_ns: int = 0
+    # Gather buffers replaced because the leader's publisher still held them (it
+    # fell more than two syncs behind); each costs one allocation, no window is lost.
+    recv_buffers_replaced: int = 0
     history: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (event, plan, sync)
 
 
@@ -332,6 +335,24 @@ class _Cand(NamedTuple):
     validated_epoch: int
 
 
+class _RecvBuf:
+    """One host buffer the all-gather result lands in, with numpy views made once.
+
+    ``mat`` [R, L*S + NUM_WORDS]; ``counts`` [R, L*S] and ``words`` [R, NUM_WORDS]
+    are (strided) views of it. ``busy``: the leader's publisher has not finished
+    reading ``counts`` yet, so no all-gather may write into it.
+    """
+
+    __slots__ = ("t", "mat", "counts", "words", "busy")
+
+    def __init__(self, t: torch.Tensor, world: int, ls: int) -> None:
+        self.t = t
+        self.mat = t.numpy().reshape(world, -1)
+        self.counts = self.mat[:, :ls]
+        self.words = self.mat[:, ls:]
+        self.busy = False
+
+
 class _Worker:
     """One thread running jobs in submission order."""
 
@@ -360,7 +381,21 @@ class _Worker:
 
 class EplbClient:
     """One EP rank's side of eplbd. Construction is collective over the EP group
-    (and over the default group when ``transfer_group`` is not given)."""
+    (and over the default group when ``transfer_group`` is not given).
+
+    ``transfer_group`` (optional): the process group the worker thread uses for
+    the p2p transfers, same ranks as ``group``. Give each client its own: two
+    clients (e.g. a main model and its MTP draft model) whose transfer threads
+    share one group interleave their p2p messages and mismatch or deadlock.
+    Left out, the client creates a fresh one (collective over the default group).
+
+    Hot path. ``record(layer, counts)`` is one in-place add per call (about
+    1-2.5 µs of dispatch on CPU tensors, one queued kernel on a device); an
+    engine that has every layer's counts in one [L, S] tensor should call
+    ``client.recorder.record_all(counts)`` once per step instead. ``step()`` is a
+    counter increment except at syncs; a sync with nothing in flight reads the
+    gathered words with one bytes comparison (:func:`control.quiet`).
+    """
 
     def __init__(
         self,
@@ -449,29 +484,44 @@ class EplbClient:
         backend = dist.get_backend(group)
         comm_device = torch.device("cpu") if backend == "gloo" else torch.device(host.device)
         self._comm_same_device = comm_device == torch.device(host.device)
-        self._ls = L * S
-        width = self._ls + C.NUM_WORDS
+        self._ls = ls = L * S
+        self._K = cfg.sync_interval
+        self._width = width = ls + C.NUM_WORDS
+        self._comm_device = comm_device
         # Two send buffers, alternating: with the counts on the comm device the
         # recorder accumulates straight into the counts part of the next one.
         self._sends = [torch.zeros(width, dtype=torch.int64, device=comm_device) for _ in range(2)]
         self._send_np = [b.numpy() if comm_device.type == "cpu" else None for b in self._sends]
         self._cur = 0
         self._send = self._sends[0]
-        self._recv = torch.zeros(self.world * width, dtype=torch.int64, device=comm_device)
-        self._host_recv = (
-            self._recv
-            if comm_device.type == "cpu"
-            else self.dev.pinned_empty((self.world * width,), torch.int64)
-        )
-        # Numpy views made once (a .numpy() call per sync costs microseconds).
-        self._host_mat = self._host_recv.numpy().reshape(self.world, width)
+        # Numpy views made once (a .numpy() call or a slice per sync costs microseconds).
         self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
         self._words_t = torch.from_numpy(self._words_np)
+        if comm_device.type == "cpu" and self._comm_same_device:
+            # _pack writes the words straight into the send buffer's tail.
+            self._words_dst = [a[ls:] for a in self._send_np if a is not None]
+        else:
+            self._words_dst = [self._words_np, self._words_np]
+        self._counts_np = [a[:ls] if a is not None else None for a in self._send_np]
+        # Where the gathered matrix lands on the host: the all-gather's output
+        # itself on a CPU group, else a pinned copy of the device result. The
+        # leader keeps three, so that its publisher reads window n-1's counts
+        # straight from its buffer (no copy on the forward thread) for up to two
+        # syncs while the next all-gathers write into the others; other ranks
+        # only read the words during the sync, so one does.
+        self._recv = (
+            None
+            if comm_device.type == "cpu"
+            else torch.zeros(self.world * width, dtype=torch.int64, device=comm_device)
+        )
+        self._rbufs = [self._new_recv() for _ in range(3 if self.is_leader else 1)]
+        self._ri = 0
+        self._gather_timeout = datetime.timedelta(seconds=cfg.gather_timeout_s)
         if self._comm_same_device:
             self.recorder.use_buffers([b[: self._ls].view(L, S) for b in self._sends])
         self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray]] | None = None
+        self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray] | None, _RecvBuf] | None = None
         self._comm_stream = self.dev.new_stream()
         self._xfer_stream = self.dev.new_stream()
         self._step = 0
@@ -579,48 +629,64 @@ class EplbClient:
     def step(self) -> None:
         """Call once per forward step on every rank, after the step's record() calls."""
         self._step += 1
-        if self._step % self.config.sync_interval:
+        if self._step % self._K:
             return
         self._sync()
 
     def _sync(self) -> None:
         st = self.state
-        n = self.stats.syncs
+        stats = self.stats
+        n = stats.syncs
         st.sync = n
-        self.stats.steps = self._step
-        self.stats.last_collective_ns = 0
+        stats.steps = self._step
+        stats.last_collective_ns = 0
         # The counts in the recorder were taken under the placement in force
-        # *before* this sync's decision (commits only happen here): capture it.
-        K = self.config.sync_interval
-        meta = (n, self._step - K, self._step, st.epoch, self._phy2log)
+        # *before* this sync's decision (commits only happen here): capture it
+        # for the window's conversion to logical loads (leader only).
+        meta = (
+            (n, self._step - self._K, self._step, st.epoch, self._phy2log) if self._pub is not None else None
+        )
         if self._pending is not None:
             words, publish = self._finish_gather()
-            d = C.decide(words, st, self.config.plan_timeout_syncs, self.config.divergence_syncs)
-            if d.kind != C.NONE:
-                self._apply(d, words)
-            C.track_divergence(words, st)
+            if C.quiet(words, st):
+                st.diverging_since = -1  # what track_divergence does on quiet words
+            else:
+                d = C.decide(words, st, self.config.plan_timeout_syncs, self.config.divergence_syncs)
+                if d.kind != C.NONE:
+                    self._apply(d, words)
+                C.track_divergence(words, st)
             if publish is not None:
                 # After this sync's status/placement writes (queued by _apply): a daemon
                 # woken by window n-1 then sees the plan state as of sync n, the same on
                 # every node, so the daemons' in-flight checks agree.
-                self._defer(publish[0], publish[1])
+                self._deferred.append(publish)
         self._poll()
-        self._pack()
+        self._pack(self._words_dst[self._cur])
         self._launch(meta)
-        self.stats.syncs = n + 1
+        stats.syncs = n + 1
         # Wake the helper threads only now: started earlier, they would contend
         # for the GIL with the rest of this sync instead of with the next forward.
-        for worker, fn in self._deferred:
-            worker.submit(fn)
-        self._deferred.clear()
+        if self._deferred:
+            for worker, fn in self._deferred:
+                worker.submit(fn)
+            self._deferred.clear()
 
     def _defer(self, worker: _Worker, fn: Callable[[], None]) -> None:
         self._deferred.append((worker, fn))
 
+    def _new_recv(self) -> _RecvBuf:
+        n = self.world * self._width
+        if self._comm_device.type == "cpu":
+            t = torch.zeros(n, dtype=torch.int64)
+        else:
+            t = self.dev.pinned_empty((n,), torch.int64)
+        return _RecvBuf(t, self.world, self._ls)
+
     def _finish_gather(self) -> tuple[np.ndarray, tuple[_Worker, Callable[[], None]] | None]:
-        """The previous sync's words [R, NUM_WORDS] and (leader) the job that publishes its window."""
+        """The previous sync's words [R, NUM_WORDS] (a view, valid during this sync) and
+        (leader) the job that publishes its window."""
         assert self._pending is not None
-        work, ev, meta = self._pending
+        work, ev, meta, rb = self._pending
         self._pending = None
         t0 = time.perf_counter_ns()
         if ev is not None:
@@ -628,52 +694,74 @@ class EplbClient:
             # host memory on the comm stream; both finished long ago.
             self.dev.synchronize_event(ev)
         else:
-            work.wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+            work.wait(timeout=self._gather_timeout)
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
-        mat = self._host_mat
         publish = None
-        if self._pub is not None:
-            counts = mat[:, : self._ls].copy()
-            publish = (self._pub, lambda: self._publish_window(counts, meta))
-        return mat[:, self._ls :].copy(), publish
+        if self._pub is not None and meta is not None:
+            # The publisher reads the counts from rb itself; no all-gather writes
+            # into rb until it clears ``busy`` (_next_recv).
+            rb.busy = True
+            publish = (self._pub, lambda: self._publish_window(rb, meta))
+        return rb.words, publish
 
-    def _launch(self, meta: tuple[int, int, int, int, np.ndarray]) -> None:
+    def _next_recv(self) -> _RecvBuf:
+        """The host buffer for the next all-gather: the oldest of the pool, unless the
+        publisher still reads it (then a fresh one: rare, and no window is lost)."""
+        pool = self._rbufs
+        i = self._ri + 1
+        if i == len(pool):
+            i = 0
+        rb = pool[i]
+        if rb.busy:
+            rb = pool[i] = self._new_recv()
+            self.stats.recv_buffers_replaced += 1
+            if self.stats.recv_buffers_replaced == 1:
+                log.warning("eplbd_client rank %d: publisher is more than two syncs behind", self.rank)
+        self._ri = i
+        return rb
+
+    def _launch(self, meta: tuple[int, int, int, int, np.ndarray] | None) -> None:
         """Drain the recorder and the words into the send buffer; start the all-gather."""
+        cur = self._cur
         if self._comm_same_device:
-            # The recorder accumulated straight into this buffer; add the words.
-            self._send = self._sends[self._cur]
-            np_view = self._send_np[self._cur]
-            if np_view is not None:
-                np_view[self._ls :] = self._words_np
-            else:
+            # The recorder accumulated straight into this buffer; _pack wrote the
+            # words into its tail when it is host memory.
+            self._send = self._sends[cur]
+            if self._send_np[cur] is None:
                 self._send[self._ls :].copy_(self._words_t, non_blocking=True)
         else:  # e.g. CUDA weights with a gloo group: a synchronous hop through host memory
             self._send[: self._ls].copy_(self.recorder.acc.view(-1))
             self.recorder.acc.zero_()
             self._send[self._ls :].copy_(self._words_t)
+        rb = self._next_recv()
         ev = None
         t0 = time.perf_counter_ns()
-        if self._comm_stream is not None and self._comm_same_device:
+        if self._recv is not None and self._comm_stream is not None and self._comm_same_device:
             self.dev.wait_event(self.dev.record_event(), self._comm_stream)
             with self.dev.use_stream(self._comm_stream):
                 work = self._gather(self._recv, self._send, group=self.group, async_op=True)
                 work.wait()  # stream-ordered: the copy below runs after the collective
-                self._host_recv.copy_(self._recv, non_blocking=True)
+                rb.t.copy_(self._recv, non_blocking=True)
                 ev = self.dev.record_event(self._comm_stream)
-        else:
+        elif self._recv is not None:  # device group without streams: a blocking copy at the next sync
             work = self._gather(self._recv, self._send, group=self.group, async_op=True)
+            work.wait()
+            rb.t.copy_(self._recv)
+        else:
+            work = self._gather(rb.t, self._send, group=self.group, async_op=True)
         self.stats.last_collective_ns += time.perf_counter_ns() - t0
-        self._pending = (work, ev, meta)
+        self._pending = (work, ev, meta, rb)
         if self._comm_same_device:
             # The other buffer fed the previous all-gather, which completed at the
             # start of this sync: it can take the next window's counts.
-            self._cur ^= 1
-            nxt_np = self._send_np[self._cur]
-            if nxt_np is not None:
-                nxt_np[: self._ls] = 0  # host buffer: numpy is cheaper than a torch op
+            cur ^= 1
+            self._cur = cur
+            nxt = self._counts_np[cur]
+            if nxt is not None:
+                nxt.fill(0)  # host buffer: numpy is cheaper than a torch op
             else:
-                self._sends[self._cur][: self._ls].zero_()
-            self.recorder.switch(self._cur)
+                self._sends[cur][: self._ls].zero_()
+            self.recorder.switch(cur)
 
     # ------------------------------------------------------------------ decisions
     def _apply(self, d: C.Decision, words: np.ndarray | None = None) -> None:
@@ -904,17 +992,12 @@ class EplbClient:
             self._validating = False
 
     # ------------------------------------------------------------------ control words
-    def _pack(self) -> None:
+    def _pack(self, w: np.ndarray) -> None:
+        """This rank's control words into ``w`` [NUM_WORDS] (the send buffer's tail on a CPU group)."""
         st = self.state
-        w = self._words_np
-        w[C.W_SYNC] = st.sync
-        w[C.W_EPOCH] = st.epoch
-        w[C.W_ACTIVE] = st.active_id
-        w[C.W_COMMITTED] = st.committed
-        w[C.W_CONFIG] = self._config_digest
         c = self._cand
         if c is None:
-            w[C.W_CAND_ID], w[C.W_CAND_HASH], w[C.W_CAND_BASE], w[C.W_CAND_STATUS] = -1, 0, -1, C.CAND_PENDING
+            cand: tuple[int, int, int, int] = (-1, 0, -1, C.CAND_PENDING)
         else:
             if c.status >= 16:
                 status = c.status
@@ -922,19 +1005,18 @@ class EplbClient:
                 status = C.CAND_OK
             else:
                 status = C.CAND_STALE if c.base_epoch != st.epoch else C.CAND_PENDING
-            w[C.W_CAND_ID], w[C.W_CAND_HASH], w[C.W_CAND_BASE], w[C.W_CAND_STATUS] = (
-                c.plan_id,
-                c.plan_hash,
-                c.base_epoch,
-                status,
-            )
-        xfer = self._xfer
+            cand = (c.plan_id, c.plan_hash, c.base_epoch, status)
         if st.active_id >= 0:
-            w[C.W_STAGED] = xfer.staged_count() if xfer is not None else 0
-            w[C.W_EXEC_ERR] = self._exec_err or (xfer.error if xfer is not None else 0)
-            w[C.W_ABORT_REQ] = int(self._abort_req)
+            xfer = self._xfer
+            run: tuple[int, int, int] = (
+                xfer.staged_count() if xfer is not None else 0,
+                self._exec_err or (xfer.error if xfer is not None else 0),
+                int(self._abort_req),
+            )
         else:
-            w[C.W_STAGED] = w[C.W_EXEC_ERR] = w[C.W_ABORT_REQ] = 0
+            run = (0, 0, 0)
+        # One slice assignment of a tuple: cheaper than twelve numpy item writes.
+        w[:] = (st.sync, st.epoch, st.active_id, st.committed, self._config_digest, *cand, *run)
 
     # ------------------------------------------------------------------ leader: shm writes
     def _queue_status(self, status: PlanStatus) -> None:
@@ -960,14 +1042,20 @@ class EplbClient:
                     "eplbd_client rank %d: writing %s to %s failed: %s", self.rank, what, self.domain_name, e
                 )
 
-    def _publish_window(self, counts: np.ndarray, meta: tuple[int, int, int, int, np.ndarray]) -> None:
-        """Publisher thread: counts [R, L*S] of window ``meta[0]`` -> logical loads [L, E] -> ring."""
+    def _publish_window(self, rb: _RecvBuf, meta: tuple[int, int, int, int, np.ndarray]) -> None:
+        """Publisher thread: counts ``rb.counts`` [R, L*S] of window ``meta[0]`` -> logical
+        loads [L, E] -> ring. Releases ``rb`` for the next all-gathers as soon as it is read."""
         window_id, step_begin, step_end, epoch, p2l = meta
         g = self.g
         L, E, S, R = g.num_layers, g.num_experts, g.slots_per_rank, self.world
-        phys = counts.reshape(R, L, S).transpose(1, 0, 2).reshape(L, R * S)  # [L, P]
+        try:
+            # The transpose's reshape copies out of rb: the last read of it.
+            phys = rb.counts.reshape(R, L, S).transpose(1, 0, 2).reshape(L, R * S)  # [L, P]
+            weights = phys.ravel().astype(np.float64)
+        finally:
+            rb.busy = False
         idx = (p2l.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
-        loads = np.bincount(idx, weights=phys.ravel().astype(np.float64), minlength=L * E)
+        loads = np.bincount(idx, weights=weights, minlength=L * E)
         loads = np.rint(loads).astype(np.int64).reshape(L, E)
         assert self._dom_w is not None
         try:
@@ -987,7 +1075,7 @@ class EplbClient:
             self._xfer.abort()
         if self._pending is not None:
             with contextlib.suppress(Exception):
-                self._pending[0].wait(timeout=datetime.timedelta(seconds=self.config.gather_timeout_s))
+                self._pending[0].wait(timeout=self._gather_timeout)
             self._pending = None
         self._worker.stop(timeout=self.config.p2p_timeout_s + 5)
         if self._pub is not None:
