@@ -14,7 +14,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("eplbd.daemon", "run the per-node daemon (systemd service)"),
     "replay": ("eplbd.replay", "replay an expert-load trace [T, L, E] through a placement policy"),
     "demo": ("eplbd.demo", "run a live daemon and a small CPU cluster of MoE ranks"),
-    "bench": ("eplbd.bench", "run the project's benchmarks"),
 }
 
 
