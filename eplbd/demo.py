@@ -42,7 +42,8 @@ slots per rank (about half as many redundant slots as experts), d = 256, h = 512
 (1 MiB per expert, so stop-the-world's pause is visible), 128 tokens per step,
 top-2, sync every 4 steps, a plan every 32 steps, 400 steps per mode, shift at
 60%. The client's staging pool holds a whole plan (L x S experts) unless
-``--max-staged`` bounds it: the plan then moves a few layers per sync.
+``--max-staged`` bounds it: the plan then moves a few layers per sync. Transfers are
+paced (``--pace``, default 0.5: one p2p round every other step; 0 = unpaced).
 
 Changing d or h changes the gate's spread (~0.5 sqrt(d)) relative to the fixed
 ``skew``; the default skew gives β ≈ 0.47 without balancing at d = 256.
@@ -98,6 +99,10 @@ class DemoSpec:
     shift_at: float = 0.6  # fraction of the steps after which the hot spot jumps by E/2
     sync_interval: int = 4  # K: steps per sync / window
     max_staged: int = 0  # client max_staged_experts; 0 = L * S (a whole plan staged at once)
+    # Client transfer_rounds_per_step: p2p rounds started per forward step; 0 = unpaced. 0.5
+    # spreads a plan's ~10 rounds over ~20 of the 32 steps between plans instead of bursting
+    # them into the first few steps, where 4 ranks' transfers and forwards share 2 cores.
+    pace: float = 0.5
     plan_every: int = 32  # daemon num_iterations: steps between plans
     # Daemon keys; None = the daemon's own default (what a deployment gets). The history
     # is scaled down with the plan interval: 4 windows = half of it, so a shift is followed fast.
@@ -270,6 +275,7 @@ def _rank_main(rank: int, world: int, spec_d: dict[str, Any], mode: str, domain:
         sync_interval=spec.sync_interval,
         mode=mode,
         max_staged_experts=spec.max_staged or g.num_layers * g.slots_per_rank,
+        transfer_rounds_per_step=spec.pace,
         # Generous bounds: 4 ranks share 2 busy cores here.
         p2p_timeout_s=60.0,
         gather_timeout_s=120.0,
@@ -972,6 +978,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return v
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     d = DemoSpec()
     p.add_argument("--ranks", type=_int_range(2, 8), default=d.ranks, help=f"EP ranks (default {d.ranks})")
@@ -998,6 +1014,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         type=_int_range(0, 1_000_000),
         default=d.max_staged,
         help="client staging pool in experts per rank; 0 (default) = layers x slots, a whole plan",
+    )
+    p.add_argument(
+        "--pace",
+        type=_nonneg_float,
+        default=d.pace,
+        help="rebalance pace: p2p transfer rounds started per forward step (0 = unpaced, "
+        f"a plan's rounds as fast as they go; default {d.pace})",
     )
     p.add_argument(
         "--shift-at",
@@ -1030,6 +1053,7 @@ def _spec_from_args(args: argparse.Namespace) -> DemoSpec:
         sync_interval=args.sync_interval,
         plan_every=args.plan_every,
         max_staged=args.max_staged,
+        pace=args.pace,
         shift_at=args.shift_at,
         seed=args.seed,
         hidden=args.hidden,

@@ -74,6 +74,99 @@ def test_replicated_words_must_agree() -> None:
         C.decide(w, C.Agreed(epoch=3), 10)
 
 
+def _random_words(rng: np.random.Generator) -> np.ndarray:
+    """[R, NUM_WORDS] from a small value domain, so that identical rows, equal candidate ids
+    and every decision kind all occur often."""
+    w = words(epoch=int(rng.integers(0, 3)), active=int(rng.choice([-1, -1, 2])), committed=0)
+    same = rng.random() < 0.6  # all ranks packed the same words (the steady state)
+    for r in range(R):
+        if same and r > 0:
+            w[r] = w[0]
+            continue
+        w[r, C.W_CAND_ID] = rng.integers(-1, 4)
+        w[r, C.W_CAND_HASH] = rng.choice([0, 77, 78, 2**62 + 5])
+        w[r, C.W_CAND_BASE] = rng.integers(-1, 3)
+        w[r, C.W_CAND_STATUS] = rng.choice([C.CAND_OK, C.CAND_PENDING, C.CAND_STALE, C.ERR_INVALID])
+        w[r, C.W_STAGED] = rng.integers(0, 3)
+        w[r, C.W_EXEC_ERR] = rng.choice([0, 0, 0, C.ERR_TRANSFER])
+        w[r, C.W_ABORT_REQ] = rng.random() < 0.1
+    return w
+
+
+def _random_state(rng: np.random.Generator) -> C.Agreed:
+    active = int(rng.choice([-1, -1, 2]))
+    return C.Agreed(
+        epoch=int(rng.integers(0, 3)),
+        sync=int(rng.integers(0, 40)),
+        active_id=active,
+        active_base=0 if active >= 0 else -1,
+        active_layers=2 if active >= 0 else 0,
+        committed=int(rng.integers(0, 2)) if active >= 0 else 0,
+        last_progress_sync=int(rng.integers(0, 10)),
+        last_decided_id=int(rng.integers(-1, 3)),
+        diverging_since=int(rng.choice([-1, 0, 5])),
+    )
+
+
+def test_quiet_fast_path_agrees_with_decide_and_track() -> None:
+    """quiet() is exactly 'decide gives NONE and track_divergence resets' on identical rows
+    with no plan active and nothing new; otherwise it declines and the full rule runs."""
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(3000):
+        w, st = _random_words(rng), _random_state(rng)
+        w[:, C.W_ACTIVE] = st.active_id  # replicated, as packed after the previous decision
+        w[:, C.W_COMMITTED] = st.committed
+        q = C.quiet(w, st)
+        assert q == C.quiet_bytes(w.tobytes(), st)
+        rows_same = all((w[r] == w[0]).all() for r in range(R))
+        expect = st.active_id < 0 and rows_same and int(w[0, C.W_CAND_ID]) <= st.last_decided_id
+        assert q == expect, (w, st)
+        if q:
+            hits += 1
+            assert C.decide(w, st, 10, 3) == C.Decision(C.NONE)
+            st2 = C.Agreed(**vars(st))
+            C.track_divergence(w, st2)
+            assert st2.diverging_since == -1
+    assert 200 < hits < 2900  # both branches exercised
+
+
+def test_decide_on_identical_rows_equals_the_full_rule() -> None:
+    """decide() reads one row when all rows are equal; the answer is the full rule's, also on
+    the strided view of the gathered matrix the client passes."""
+    rng = np.random.default_rng(6)
+    kinds = set()
+    for _ in range(3000):
+        w, st = _random_words(rng), _random_state(rng)
+        w[:, C.W_ACTIVE] = st.active_id
+        w[:, C.W_COMMITTED] = st.committed
+        full = C.decide_rows(w.tolist(), st, 10, 3)
+        assert C.decide(w, st, 10, 3) == full
+        mat = np.zeros((R, 7 + C.NUM_WORDS), dtype=np.int64)
+        mat[:, 7:] = w
+        assert C.decide(mat[:, 7:], st, 10, 3) == full
+        kinds.add(full.kind)
+    assert kinds == {C.NONE, C.START, C.COMMIT, C.ABORT, C.REJECT}
+
+
+def test_words_struct_and_gathered_row_views_match_numpy() -> None:
+    """The client packs words with WORDS_STRUCT and reads the gathered words through byte
+    views of its receive buffer: both must be the int64 matrix numpy sees."""
+    from eplbd_client.client import _RecvBuf
+
+    vals = (3, -1, 2**62 + 7, 0, 2**32 - 1, -5, 2**63 - 1, -(2**63), C.ERR_INVALID, 1, 0, 1)
+    buf = np.zeros(C.NUM_WORDS + 3, dtype=np.int64)
+    C.WORDS_STRUCT.pack_into(memoryview(buf).cast("B"), 24, *vals)
+    assert buf[3:].tolist() == list(vals) and buf[:3].tolist() == [0, 0, 0]
+    ls = 10
+    t = torch.arange(R * (ls + C.NUM_WORDS), dtype=torch.int64) * 7 - 50
+    rb = _RecvBuf(t, R, ls)
+    assert rb.words.shape == (R, C.NUM_WORDS) and rb.counts.shape == (R, ls)
+    assert b"".join(rb.word_rows) == rb.words.tobytes()
+    t[ls + C.W_CAND_ID] = 123  # rank 0's candidate id: the views see writes into the tensor
+    assert rb.words[0, C.W_CAND_ID] == 123 and b"".join(rb.word_rows) == rb.words.tobytes()
+
+
 def test_partial_epoch_unique_and_distinct_from_plan_ids() -> None:
     seen = {C.partial_epoch(p, c) for p in (0, 1, 7, 2**39) for c in (1, 2, 57)}
     assert len(seen) == 12 and all(e >= 2**62 for e in seen)

@@ -111,6 +111,13 @@ class ClientConfig:
       any label, the ranks' labels must be node-major. None = from the launcher.
     - ring_capacity, shm_mode: for Domain.create (node leader).
     - unlink_on_close: the leader removes the shm domain in :meth:`EplbClient.close`.
+    - transfer_rounds_per_step: pace of a rebalance (async mode; 0 = unpaced, as fast
+      as the worker can). > 0: the worker starts at most this many p2p rounds (a
+      layer's COPYs ride with its first round) per forward step, e.g. 0.5 = one round
+      every other step, so a rebalance spreads its interference with inference over
+      the steps instead of bursting. Raised per plan where needed so that pacing
+      never trips ``plan_timeout_syncs``. Should be equal on every rank (peers then
+      reach each round at the same step); agreement does not depend on it.
     """
 
     sync_interval: int = 16
@@ -125,6 +132,7 @@ class ClientConfig:
     ring_capacity: int = 64
     shm_mode: int = 0o600
     unlink_on_close: bool = True
+    transfer_rounds_per_step: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sync_interval < 1:
@@ -140,6 +148,10 @@ class ClientConfig:
                 raise ValueError(f"{k} must be > 0")
         if self.divergence_syncs < 0:
             raise ValueError(f"divergence_syncs must be >= 0 (0 = never), got {self.divergence_syncs}")
+        if not self.transfer_rounds_per_step >= 0:  # also rejects NaN
+            raise ValueError(
+                f"transfer_rounds_per_step must be >= 0 (0 = unpaced), got {self.transfer_rounds_per_step}"
+            )
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
         if self.node_id is not None and self.node_id < 0:
@@ -343,13 +355,18 @@ class _RecvBuf:
     reading ``counts`` yet, so no all-gather may write into it.
     """
 
-    __slots__ = ("t", "mat", "counts", "words", "busy")
+    __slots__ = ("t", "mat", "counts", "words", "word_rows", "busy")
 
     def __init__(self, t: torch.Tensor, world: int, ls: int) -> None:
         self.t = t
         self.mat = t.numpy().reshape(world, -1)
         self.counts = self.mat[:, :ls]
         self.words = self.mat[:, ls:]
+        # Each rank's words as a byte view: ``b"".join(word_rows)`` is the
+        # packed matrix for control.quiet_bytes without any numpy call.
+        raw = memoryview(self.mat).cast("B")
+        row, rb = self.mat.shape[1] * 8, C.WORDS_STRUCT.size
+        self.word_rows = [raw[r * row + ls * 8 : r * row + ls * 8 + rb] for r in range(world)]
         self.busy = False
 
 
@@ -497,12 +514,15 @@ class EplbClient:
         # Numpy views made once (a .numpy() call or a slice per sync costs microseconds).
         self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
         self._words_t = torch.from_numpy(self._words_np)
+        # Byte views for _pack (one struct.pack_into) and for zeroing the counts
+        # (one memoryview slice assignment): core Python, no numpy dispatch.
         if comm_device.type == "cpu" and self._comm_same_device:
             # _pack writes the words straight into the send buffer's tail.
-            self._words_dst = [a[ls:] for a in self._send_np if a is not None]
+            self._words_dst = [(memoryview(a).cast("B"), ls * 8) for a in self._send_np if a is not None]
         else:
-            self._words_dst = [self._words_np, self._words_np]
-        self._counts_np = [a[:ls] if a is not None else None for a in self._send_np]
+            self._words_dst = [(memoryview(self._words_np).cast("B"), 0)] * 2
+        self._counts_mv = [memoryview(a[:ls]).cast("B") if a is not None else None for a in self._send_np]
+        self._zeros = bytes(ls * 8)
         # Where the gathered matrix lands on the host: the all-gather's output
         # itself on a CPU group, else a pinned copy of the device result. The
         # leader keeps three, so that its publisher reads window n-1's counts
@@ -647,10 +667,11 @@ class EplbClient:
             (n, self._step - self._K, self._step, st.epoch, self._phy2log) if self._pub is not None else None
         )
         if self._pending is not None:
-            words, publish = self._finish_gather()
-            if C.quiet(words, st):
+            rb, publish = self._finish_gather()
+            if C.quiet_bytes(b"".join(rb.word_rows), st):
                 st.diverging_since = -1  # what track_divergence does on quiet words
             else:
+                words = rb.words
                 d = C.decide(words, st, self.config.plan_timeout_syncs, self.config.divergence_syncs)
                 if d.kind != C.NONE:
                     self._apply(d, words)
@@ -661,7 +682,7 @@ class EplbClient:
                 # every node, so the daemons' in-flight checks agree.
                 self._deferred.append(publish)
         self._poll()
-        self._pack(self._words_dst[self._cur])
+        self._pack(*self._words_dst[self._cur])
         self._launch(meta)
         stats.syncs = n + 1
         # Wake the helper threads only now: started earlier, they would contend
@@ -682,9 +703,9 @@ class EplbClient:
             t = self.dev.pinned_empty((n,), torch.int64)
         return _RecvBuf(t, self.world, self._ls)
 
-    def _finish_gather(self) -> tuple[np.ndarray, tuple[_Worker, Callable[[], None]] | None]:
-        """The previous sync's words [R, NUM_WORDS] (a view, valid during this sync) and
-        (leader) the job that publishes its window."""
+    def _finish_gather(self) -> tuple[_RecvBuf, tuple[_Worker, Callable[[], None]] | None]:
+        """The buffer holding the previous sync's matrix (its words are valid during this
+        sync) and (leader) the job that publishes its window."""
         assert self._pending is not None
         work, ev, meta, rb = self._pending
         self._pending = None
@@ -702,7 +723,7 @@ class EplbClient:
             # into rb until it clears ``busy`` (_next_recv).
             rb.busy = True
             publish = (self._pub, lambda: self._publish_window(rb, meta))
-        return rb.words, publish
+        return rb, publish
 
     def _next_recv(self) -> _RecvBuf:
         """The host buffer for the next all-gather: the oldest of the pool, unless the
@@ -756,9 +777,9 @@ class EplbClient:
             # start of this sync: it can take the next window's counts.
             cur ^= 1
             self._cur = cur
-            nxt = self._counts_np[cur]
+            nxt = self._counts_mv[cur]
             if nxt is not None:
-                nxt.fill(0)  # host buffer: numpy is cheaper than a torch op
+                nxt[:] = self._zeros  # host buffer: a memcpy, cheaper than a torch or numpy op
             else:
                 self._sends[cur][: self._ls].zero_()
             self.recorder.switch(cur)
@@ -811,6 +832,12 @@ class EplbClient:
                     self.capacity,
                     self.config.p2p_timeout_s,
                     stream=self._xfer_stream,
+                    pace_rounds_per_step=self.config.transfer_rounds_per_step,
+                    # The forward thread's own step counter, read by the worker without a lock.
+                    step_clock=lambda: self._step,
+                    # Steps one paced layer may take and still commit within the plan
+                    # timeout (the agreement lags staging by up to two syncs, plus slack).
+                    max_layer_steps=(self.config.plan_timeout_syncs - 4) * self.config.sync_interval,
                 )
                 n_layers = xfer.num_layers
             except Exception as e:
@@ -992,8 +1019,9 @@ class EplbClient:
             self._validating = False
 
     # ------------------------------------------------------------------ control words
-    def _pack(self, w: np.ndarray) -> None:
-        """This rank's control words into ``w`` [NUM_WORDS] (the send buffer's tail on a CPU group)."""
+    def _pack(self, buf: memoryview, offset: int) -> None:
+        """This rank's control words into ``buf`` at byte ``offset`` (the send buffer's tail on
+        a CPU group, else ``_words_np``)."""
         st = self.state
         c = self._cand
         if c is None:
@@ -1015,8 +1043,11 @@ class EplbClient:
             )
         else:
             run = (0, 0, 0)
-        # One slice assignment of a tuple: cheaper than twelve numpy item writes.
-        w[:] = (st.sync, st.epoch, st.active_id, st.committed, self._config_digest, *cand, *run)
+        # One struct.pack_into: cheaper than twelve numpy item writes or a numpy
+        # assignment from a sequence.
+        C.WORDS_STRUCT.pack_into(
+            buf, offset, st.sync, st.epoch, st.active_id, st.committed, self._config_digest, *cand, *run
+        )
 
     # ------------------------------------------------------------------ leader: shm writes
     def _queue_status(self, status: PlanStatus) -> None:

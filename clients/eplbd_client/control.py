@@ -49,6 +49,8 @@ next trigger.
 from __future__ import annotations
 
 import dataclasses
+import struct
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -63,6 +65,7 @@ __all__ = [
     "partial_epoch",
     "error_name",
     "quiet",
+    "quiet_bytes",
     "track_divergence",
 ]
 
@@ -81,6 +84,9 @@ __all__ = [
     W_ABORT_REQ,
 ) = range(12)
 NUM_WORDS = 12
+#: One rank's words as packed bytes (native int64, as in the all-gathered matrix).
+WORDS_STRUCT = struct.Struct(f"={NUM_WORDS}q")
+_ROW_BYTES = WORDS_STRUCT.size
 REPLICATED = (W_SYNC, W_EPOCH, W_ACTIVE, W_COMMITTED, W_CONFIG)  # must stay words 0..4
 
 # Candidate status values (below 16) and error codes (16 and up; also written to
@@ -178,27 +184,37 @@ def check_replicated(words: np.ndarray | list[list[int]]) -> None:
 
 
 def _rows_equal(words: np.ndarray) -> bool:
-    """True when every rank packed the same words. words: [R, NUM_WORDS] int64.
-
-    One bytes comparison (a copy of R*96 bytes and a memcmp): several times
-    cheaper than ``(words == words[0]).all()`` on the forward thread.
-    """
+    """True when every rank packed the same words. words: [R, NUM_WORDS] int64."""
     b = words.tobytes()
-    n = len(b) // len(words)
-    return b == b[:n] * len(words)
+    return b == b[:_ROW_BYTES] * len(words)
+
+
+def quiet_bytes(packed: bytes, st: Agreed) -> bool:
+    """Fast path of a sync: True when nothing can be decided or tracked at this sync.
+
+    ``packed``: every rank's words in rank order as bytes (R rows of
+    :data:`WORDS_STRUCT`, i.e. ``words.tobytes()`` of the [R, NUM_WORDS] int64
+    matrix). True when no plan is active, every rank packed identical words and
+    their candidate is not newer than ``st.last_decided_id`` (the steady state
+    between plans). Then :func:`decide` returns ``NONE`` and
+    :func:`track_divergence` sets ``st.diverging_since`` to -1, so a caller may
+    skip both provided it resets ``diverging_since`` itself. Pure and
+    replicated like :func:`decide`; does not change ``st``. Bytes, not numpy:
+    a handful of core-Python operations, the cheapest thing to run on the
+    forward thread at a sync.
+    """
+    if st.active_id >= 0:
+        return False
+    row = packed[:_ROW_BYTES]
+    if packed != row * (len(packed) // _ROW_BYTES):
+        return False
+    cand = int.from_bytes(row[W_CAND_ID * 8 : W_CAND_ID * 8 + 8], sys.byteorder, signed=True)
+    return cand <= st.last_decided_id
 
 
 def quiet(words: np.ndarray, st: Agreed) -> bool:
-    """Fast path of a sync: True when nothing can be decided or tracked at this sync.
-
-    That is: no plan is active, every rank packed identical words [R, NUM_WORDS]
-    and their candidate is not newer than ``st.last_decided_id`` (the steady
-    state between plans). Then :func:`decide` returns ``NONE`` and
-    :func:`track_divergence` sets ``st.diverging_since`` to -1, so a caller may
-    skip both, provided it resets ``diverging_since`` itself. Pure and
-    replicated like :func:`decide`; does not change ``st``.
-    """
-    return st.active_id < 0 and int(words[0, W_CAND_ID]) <= st.last_decided_id and _rows_equal(words)
+    """:func:`quiet_bytes` on the gathered words [R, NUM_WORDS] int64."""
+    return quiet_bytes(words.tobytes(), st)
 
 
 def decide(words: np.ndarray, st: Agreed, timeout_syncs: int, divergence_syncs: int = 0) -> Decision:

@@ -15,6 +15,25 @@ and on a side stream where the device has streams). For each layer it:
    messages of an aborted plan can never match a later one;
 4. publishes the layer as staged (with an event on stream devices).
 
+Pacing (``pace_rounds_per_step`` > 0, worker thread only). A rebalance then
+spreads its work over forward steps instead of bursting: the plan's *pace
+units* (one per p2p round of a changed layer, a layer's COPYs riding with its
+first round; a COPY-only layer is one unit) are numbered in staging order from
+the plan alone, and unit i+1 may start only ``1 / rate`` forward steps after
+unit i started, counted on ``step_clock`` (the client's step counter: an int the
+forward thread increments anyway, read here without a lock; the forward
+thread pays nothing). The worker polls it with a short sleep. Lost time is
+never made up in a burst: after a gate wait or a slow unit the next unit is
+due ``1 / rate`` steps after *now*. Pacing only delays staging, and a layer
+commits only once every rank reported it staged, so per-rank pacing cannot
+break agreement; every rank starts the plan at the same step and derives the
+same schedule, so peers reach a round within about one step of each other
+(well inside ``p2p_timeout_s``). To keep the plan timeout meaningful (abort
+after ``plan_timeout_syncs`` syncs without a commit), the rate is raised for a
+plan where one layer's units at that rate would take more than
+``max_layer_steps`` steps (the client passes what its timeout leaves after
+two syncs of agreement latency), identically on every rank.
+
 The forward thread, at a sync where the ranks agreed on it, calls
 :meth:`~PlanTransfer.commit` for layers staged everywhere: copies staging
 entries into the live slots of every weight tensor, switches the host's routing
@@ -41,7 +60,7 @@ import dataclasses
 import datetime
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,13 +70,13 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import log2phy_padded
 from eplbd.plan import COPY, RECV, SEND, Plan
-from eplbd.planner import changed_layers, staging_need
+from eplbd.planner import changed_layers, rounds_per_layer, staging_need
 
 from .control import ERR_INTERNAL, ERR_STAGING, ERR_TRANSFER
 from .device import DeviceOps
 from .host import ExpertHost
 
-__all__ = ["TransferError", "PlanTransfer", "staging_gates", "check_host_weights"]
+__all__ = ["TransferError", "PlanTransfer", "staging_gates", "check_host_weights", "pace_rate"]
 
 _TAG_SLOT_BITS = 20  # tag = (plan_id % 1024) << 20 | (dst_slot * T + t)
 
@@ -95,6 +114,23 @@ def staging_gates(need: np.ndarray, capacity: int) -> np.ndarray:
             c += 1
         gate[j] = c
     return gate
+
+
+def pace_rate(units: np.ndarray, rounds_per_step: float, max_layer_steps: int) -> float:
+    """Pace units per forward step for one plan; 0.0 = unpaced.
+
+    units: [n] pace units per changed layer (>= 1 each). ``rounds_per_step`` is
+    the configured rate (0 = unpaced); it is raised so that no layer's units
+    span more than ``max_layer_steps`` steps (the plan timeout's budget); a
+    budget < 1 step turns pacing off. Pure: equal on every rank.
+    """
+    if rounds_per_step <= 0 or units.shape[0] == 0:
+        return 0.0
+    if max_layer_steps < 1:
+        return 0.0
+    # Layer j's last unit starts (u_j - 1) / rate steps after its first.
+    need = float(int(units.max()) - 1) / max_layer_steps
+    return max(float(rounds_per_step), need)
 
 
 def check_host_weights(host: ExpertHost, slots_per_rank: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -141,6 +177,10 @@ class PlanTransfer:
         capacity: int,
         p2p_timeout_s: float,
         stream: Any = None,
+        *,
+        pace_rounds_per_step: float = 0.0,
+        step_clock: Callable[[], int] | None = None,
+        max_layer_steps: int = 0,
     ) -> None:
         self.plan = plan
         self.g = g
@@ -184,6 +224,23 @@ class PlanTransfer:
         # the staging stream must not read them before those writes land.
         self._start_event = dev.record_event()
         self.stage_seconds: list[float] = []  # wall time per staged layer (for stats)
+        # Pacing (see the module docstring): units per changed layer [n], from the plan alone.
+        self.pace_units = (
+            np.maximum(rounds_per_layer(plan, g)[self.layers].astype(np.int64), 1)
+            if self.num_layers
+            else np.zeros(0, np.int64)
+        )
+        self.pace = (
+            pace_rate(self.pace_units, pace_rounds_per_step, max_layer_steps)
+            if step_clock is not None
+            else 0.0
+        )
+        self._clock = step_clock
+        self.start_step = step_clock() if step_clock is not None else 0  # forward thread, at the sync
+        self._pace_next = float(self.start_step)  # step at which the next unit may start
+        self.unit_steps: list[int] = []  # step clock when each paced unit started (worker thread)
+        self.pace_wait_s = 0.0  # worker time spent waiting for the pace
+        self._paced = False  # set by run() (worker); transfer_layer on the forward thread never paces
 
     # -- staging pool -------------------------------------------------------
     def _ensure_pool(self) -> None:
@@ -200,8 +257,34 @@ class PlanTransfer:
         return idx
 
     # -- one layer ----------------------------------------------------------
+    def _pace_wait(self) -> None:
+        """Worker: wait until the step clock reaches the next unit's step; book the unit."""
+        clock = self._clock
+        assert clock is not None
+        target = self._pace_next
+        now = clock()
+        if now < target:
+            t0 = time.perf_counter()
+            s0 = now
+            dt = 0.002  # seconds per step until measured
+            while now < target and not self.abort_event.is_set():
+                # Sleep about half the expected remaining time, polling at least every 2 ms
+                # (each wake-up costs the forward thread nothing but a GIL hand-over).
+                time.sleep(min(0.002, max(0.0005, 0.5 * (target - now) * dt)))
+                now = clock()
+                if now > s0:
+                    dt = (time.perf_counter() - t0) / (now - s0)
+            self.pace_wait_s += time.perf_counter() - t0
+        self.unit_steps.append(now)
+        # No catch-up burst: the next unit is due 1/rate steps after this one really started.
+        self._pace_next = max(target, float(now)) + 1.0 / self.pace
+
     def transfer_layer(self, j: int) -> _Staged:
-        """Stage changed layer #j (its COPYs and p2p rounds). Raises TransferError."""
+        """Stage changed layer #j (its COPYs and p2p rounds). Raises TransferError.
+
+        Paced (waits before each unit) only when called from :meth:`run`: stop-the-world never paces.
+        """
+        paced = self._paced
         layer = int(self.layers[j])
         R, T = self.g.num_ranks, len(self.sig)
         ops = self.plan.ops_for(layer, self.rank, R)
@@ -220,12 +303,30 @@ class PlanTransfer:
                 evs, self._release_events = self._release_events, []
             for ev in evs:  # entries freed by commits on the forward stream
                 self.dev.wait_event(ev)
+            # Every rank runs the same units: the plan's rounds of this layer, not just this
+            # rank's (a round where it has no peer still costs a unit, so schedules align).
+            layer_rounds = int(self.pace_units[j])
+            if paced:
+                self._pace_wait()  # unit 0 of the layer: its COPYs and first round
+                if self.abort_event.is_set():
+                    raise TransferError(
+                        ERR_TRANSFER, f"plan {self.plan.plan_id}: aborted during layer {layer}"
+                    )
             for op in ops[ops["kind"] == COPY]:
                 e, s = entry_of[int(op["dst_slot"])], int(op["src_slot"])
                 for t in range(T):
                     pool[t][e].copy_(w[t][s])
             remote = ops[ops["kind"] != COPY]
-            for rnd in np.unique(remote["round"]):
+            my_rounds = set(np.unique(remote["round"]).tolist())
+            for rnd in range(max(layer_rounds, max(my_rounds, default=-1) + 1)):
+                if paced and rnd > 0:
+                    self._pace_wait()
+                    if self.abort_event.is_set():
+                        raise TransferError(
+                            ERR_TRANSFER, f"plan {self.plan.plan_id}: aborted during layer {layer}"
+                        )
+                if rnd not in my_rounds:
+                    continue
                 p2p: list[dist.P2POp] = []
                 for op in remote[remote["round"] == rnd]:
                     peer, dst = int(op["peer"]), int(op["dst_slot"])
@@ -267,6 +368,7 @@ class PlanTransfer:
     # -- staging thread -------------------------------------------------------
     def run(self) -> None:
         """Stage every changed layer in order (worker thread). Errors go to ``self.error``."""
+        self._paced = self.pace > 0
         try:
             if self.gate_error is not None:
                 raise self.gate_error
