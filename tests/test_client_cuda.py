@@ -65,6 +65,21 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         time.sleep(0.0002)
     torch.cuda.synchronize()
     per_a, sync_a = np.array(per[160:]), np.array(sync[160:])
+    # The forward thread must never wait for the device: with CUDA's sync debug mode set to
+    # "error", any synchronising call inside record/step raises. (NCCL only: with gloo the
+    # gathered counts hop through host memory by design.)
+    synced = ""
+    if spec["backend"] == "nccl":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(64):
+                for layer in range(G1.num_layers):
+                    client.record(layer, counts)
+                client.step()
+        except RuntimeError as e:
+            synced = str(e)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     out = {
         "maxdiff": maxdiff,
         "mismatches": mismatches,
@@ -73,6 +88,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         "same": res_same,
         "overhead_us_p50_p99": (float(np.percentile(per_a, 50)) / 1e3, float(np.percentile(per_a, 99)) / 1e3),
         "sync_overhead_us_p50": float(np.percentile(per_a[sync_a], 50)) / 1e3,
+        "synced": synced,
     }
     client.close()
     return out
@@ -86,7 +102,7 @@ def test_cuda_single_rank_plans_exact(shm_prefix: str, backend: str, mode: str) 
     res = launch(
         rank_main,
         1,
-        {"domain": name, "mode": mode},
+        {"domain": name, "mode": mode, "backend": backend},
         timeout=240,
         backend=backend,
         on_started=driver.run,
@@ -100,3 +116,4 @@ def test_cuda_single_rank_plans_exact(shm_prefix: str, backend: str, mode: str) 
     assert res["stats"]["plans_committed"] >= 3 and res["stats"]["plans_aborted"] == 0
     assert res["mismatches"] == [] and res["tables_ok"] and res["same"]
     assert res["maxdiff"] < 1e-4
+    assert res["synced"] == "", f"record/step synchronised with the device: {res['synced']}"
