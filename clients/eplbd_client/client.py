@@ -512,8 +512,15 @@ class EplbClient:
         self._cur = 0
         self._send = self._sends[0]
         # Numpy views made once (a .numpy() call or a slice per sync costs microseconds).
-        self._words_np = np.zeros(C.NUM_WORDS, dtype=np.int64)
-        self._words_t = torch.from_numpy(self._words_np)
+        if comm_device.type == "cpu":
+            self._words_t = torch.zeros(C.NUM_WORDS, dtype=torch.int64)
+        else:
+            # Pinned, so the non-blocking copy into the device send buffer (_launch) is
+            # truly asynchronous: from pageable memory CUDA would synchronise the host.
+            # _pack rewrites it only after _finish_gather has waited for the collective
+            # that consumed the previous copy.
+            self._words_t = self.dev.pinned_empty((C.NUM_WORDS,), torch.int64).zero_()
+        self._words_np = self._words_t.numpy()
         # Byte views for _pack (one struct.pack_into) and for zeroing the counts
         # (one memoryview slice assignment): core Python, no numpy dispatch.
         if comm_device.type == "cpu" and self._comm_same_device:
