@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,10 @@ import numpy as np
 import torch
 
 from eplbd.geometry import Geometry
+from eplbd.shm import remove_prefix
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
 from eplbd_client.testing import PlanDriver, TinyMoE, launch
-
-
-def _cleanup(prefix: str) -> None:
-    for pattern in (prefix + "*", "sem." + prefix + "*"):
-        for p in Path("/dev/shm").glob(pattern):
-            with suppress(OSError):
-                p.unlink()
 
 
 class _NullHost:
@@ -170,7 +163,7 @@ def bench_overhead(steps: int) -> dict[str, Any]:
         try:
             res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, at_once, timeout=300)
         finally:
-            _cleanup(prefix)
+            remove_prefix(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
         cpu = np.concatenate([r["cpu"][steps // 10 :] for r in res])
         sync = np.concatenate([r["sync"][steps // 10 :] for r in res])
@@ -271,7 +264,7 @@ def bench_steptime(steps: int) -> dict[str, Any]:
             driver.stop()
             for t in th:
                 t.join(5)
-            _cleanup(prefix)
+            remove_prefix(prefix)
         r0 = res[0]
         warm = 10
         dt, fl = r0["dt"][warm:], r0["inflight"][warm:]

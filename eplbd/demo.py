@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from eplbd.geometry import Geometry
+from eplbd.shm.names import remove_prefix
 
 __all__ = ["DemoSpec", "configure_parser", "run_cli", "run_demo", "summarize", "format_summary"]
 
@@ -450,20 +451,6 @@ class DaemonProcess:
         return rc
 
 
-def cleanup_shm(prefix: str) -> list[str]:
-    """Unlink every segment and doorbell whose name starts with ``prefix``; returns the names."""
-    from eplbd.shm.names import SHM_DIR
-
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for n in os.listdir(SHM_DIR):
-            if n.startswith(prefix) or n.startswith("sem." + prefix):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(SHM_DIR, n))
-                    removed.append(n)
-    return sorted(removed)
-
-
 class _Terminated(Exception):
     """SIGTERM/SIGHUP received by the demo process."""
 
@@ -694,7 +681,7 @@ def run_demo(spec: DemoSpec, *, stw: bool = True, log: Any = None) -> dict[str, 
             if rc != 0:
                 log(f"daemon exit status {rc}:\n{daemon.log_tail()}")
         # Segments the ranks' leader did not unlink (a failed or interrupted run).
-        results.setdefault("daemon", {})["shm_removed"] = cleanup_shm(prefix)
+        results.setdefault("daemon", {})["shm_removed"] = remove_prefix(prefix)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

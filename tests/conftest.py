@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+
+from eplbd.shm import remove_prefix
 
 
 @pytest.fixture
@@ -15,8 +15,4 @@ def shm_prefix() -> Iterator[str]:
     """A shm name prefix unique to this test; every segment/doorbell under it is removed afterwards."""
     prefix = f"eplbdtest{uuid.uuid4().hex[:10]}."
     yield prefix
-    shm = Path("/dev/shm")
-    for pattern in (prefix + "*", "sem." + prefix + "*"):
-        for p in shm.glob(pattern):
-            with contextlib.suppress(OSError):
-                p.unlink()
+    remove_prefix(prefix)

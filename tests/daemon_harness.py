@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from eplbd.shm import remove_prefix
+
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 
@@ -26,12 +28,7 @@ def unique_prefix(tag: str = "t") -> str:
 
 def cleanup_prefix(prefix: str) -> None:
     """Remove every segment and doorbell a test created under ``prefix``."""
-    for p in SHM.glob(prefix + "*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-    for p in SHM.glob("sem." + prefix + "*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    remove_prefix(prefix)
 
 
 def write_config(path: Path, **keys: Any) -> Path:

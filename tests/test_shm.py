@@ -39,6 +39,7 @@ from eplbd.shm import (
     ShmError,
     TornReadError,
     list_domains,
+    remove_prefix,
     validate_name,
 )
 from eplbd.shm import layout as lay
@@ -460,6 +461,26 @@ def test_list_domains(name: str) -> None:
             assert list_domains() == sorted(list_domains())
     finally:
         _cleanup(other)
+
+
+def test_remove_prefix_unlinks_segments_and_doorbells_under_it_only(name: str) -> None:
+    prefix = name + ".job."
+    other = f"other.{uuid.uuid4().hex[:8]}"
+    try:
+        for n in (prefix + "a", prefix + "b", other):
+            Domain.create(n, G, ring_capacity=1).close()
+        removed = remove_prefix(prefix)
+        assert removed == sorted(
+            [prefix + "a", prefix + "b", "sem." + prefix + "a.bell", "sem." + prefix + "b.bell"]
+        )
+        assert list_domains(prefix) == [] and list_domains(other) == [other]
+        assert os.path.exists(doorbell_path(other))
+        assert remove_prefix(prefix) == []
+        with pytest.raises(DomainNameError, match="empty prefix"):
+            remove_prefix("")
+    finally:
+        _cleanup(other)
+        remove_prefix(prefix)
 
 
 # ---------------------------------------------------------------- access control

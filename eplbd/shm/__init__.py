@@ -24,7 +24,7 @@ from eplbd.shm.errors import (
     TornReadError,
 )
 from eplbd.shm.layout import LAYOUT_VERSION, MAGIC
-from eplbd.shm.names import DEFAULT_PREFIX, list_domains, validate_name
+from eplbd.shm.names import DEFAULT_PREFIX, list_domains, remove_prefix, validate_name
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -46,5 +46,6 @@ __all__ = [
     "TornReadError",
     "Window",
     "list_domains",
+    "remove_prefix",
     "validate_name",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "segment_path",
     "doorbell_path",
     "list_domains",
+    "remove_prefix",
 ]
 
 DEFAULT_PREFIX = "eplbd."
@@ -103,3 +104,27 @@ def list_domains(prefix: str = DEFAULT_PREFIX) -> list[str]:
         if os.path.isfile(os.path.join(SHM_DIR, n)):
             out.append(n)
     return sorted(out)
+
+
+def remove_prefix(prefix: str) -> list[str]:
+    """Unlink every segment and doorbell file in /dev/shm whose domain name starts with
+    ``prefix``; returns the file names removed, sorted.
+
+    For cleaning up after a job or a test whose domains share a unique prefix; an
+    empty prefix is refused (it would match every segment on the host).
+    """
+    if not prefix:
+        raise DomainNameError("remove_prefix: refusing an empty prefix (it matches every segment)")
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for n in entries:
+        if n.startswith(prefix) or n.startswith(_SEM_FILE_PREFIX + prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, n))
+            except OSError:
+                continue
+            removed.append(n)
+    return sorted(removed)
