@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -44,7 +43,7 @@ from eplbd.geometry import Geometry
 from eplbd.shm import remove_prefix
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
-from eplbd_client.testing import PlanDriver, TinyMoE, launch
+from eplbd_client.testing import PlanDriver, TinyMoE, launch, launch_with_driver
 
 
 class _NullHost:
@@ -251,19 +250,9 @@ def bench_steptime(steps: int) -> dict[str, Any]:
             first_window=steps // 8,
             timeout=600,
         )
-        th: list[threading.Thread] = []
-
-        def started(driver: PlanDriver = driver, th: list[threading.Thread] = th) -> None:
-            t = threading.Thread(target=driver.run, daemon=True)
-            t.start()
-            th.append(t)
-
         try:
-            res = launch(_steptime_rank, 4, spec, timeout=600, on_started=started)
+            res = launch_with_driver(_steptime_rank, 4, spec, driver=driver, timeout=600)
         finally:
-            driver.stop()
-            for t in th:
-                t.join(5)
             remove_prefix(prefix)
         r0 = res[0]
         warm = 10

@@ -9,10 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch.distributed as dist
+from daemon_harness import DaemonProc, write_config
 
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log
@@ -32,55 +29,23 @@ pytestmark = pytest.mark.timeout(180)
 
 G = Geometry(4, 16, 4, 6)
 WORLD = 4
-REPO = Path(__file__).resolve().parents[1]
 
 
-class Daemon:
+DAEMON_KEYS: dict[str, Any] = {
+    "num_iterations": 8,
+    "history_windows": 4,
+    "min_gain": 0.01,
+    "poll_interval_s": 0.02,
+    "discovery_interval_s": 0.05,
+    "heartbeat_interval_s": 0.2,
+    "owner_grace_s": 1.0,
+}
+
+
+def start_daemon(tmp: Path, prefix: str, tag: str = "d") -> DaemonProc:
     """The daemon as a subprocess, configured through a TOML file, stderr to a log file."""
-
-    def __init__(self, tmp: Path, prefix: str, tag: str = "d", **keys: Any) -> None:
-        conf = {
-            "shm_prefix": prefix,
-            "num_iterations": 8,
-            "history_windows": 4,
-            "min_gain": 0.01,
-            "poll_interval_s": 0.02,
-            "discovery_interval_s": 0.05,
-            "heartbeat_interval_s": 0.2,
-            "owner_grace_s": 1.0,
-            **keys,
-        }
-        path = tmp / f"eplbd-{tag}.toml"
-        path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in conf.items()))
-        self.log_path = tmp / f"eplbd-{tag}.log"
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("EPLBD_", "NOTIFY_SOCKET", "WATCHDOG_"))
-        }
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "eplbd.cli", "run", "--config", str(path)],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env,
-                cwd=REPO,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    conf = write_config(tmp / f"eplbd-{tag}.toml", shm_prefix=prefix, **DAEMON_KEYS)
+    return DaemonProc(conf, tmp / f"eplbd-{tag}.log")
 
 
 def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +108,7 @@ def check(res: list[dict[str, Any]]) -> None:
 
 
 def test_live_daemon_three_plans_exact_and_better_balanced(shm_prefix: str, tmp_path: Path) -> None:
-    d = Daemon(tmp_path, shm_prefix)
+    d = start_daemon(tmp_path, shm_prefix)
     try:
         spec = {
             "domain": shm_prefix + "job.m0",
@@ -167,7 +132,7 @@ def test_live_daemon_three_plans_exact_and_better_balanced(shm_prefix: str, tmp_
 
 def test_daemon_kill9_mid_rebalance_then_restart(shm_prefix: str, tmp_path: Path) -> None:
     name = shm_prefix + "job.m0"
-    d1 = Daemon(tmp_path, shm_prefix, tag="d1")
+    d1 = start_daemon(tmp_path, shm_prefix, tag="d1")
     box: dict[str, Any] = {"d": d1}
 
     def killer() -> None:
@@ -191,7 +156,7 @@ def test_daemon_kill9_mid_rebalance_then_restart(shm_prefix: str, tmp_path: Path
             else:
                 raise TimeoutError("no plan started")
             time.sleep(0.3)  # ranks keep stepping with no daemon
-            box["d"] = Daemon(tmp_path, shm_prefix, tag="d2")
+            box["d"] = start_daemon(tmp_path, shm_prefix, tag="d2")
             dom.close()
         except BaseException as e:
             box["error"] = e

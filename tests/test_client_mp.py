@@ -22,7 +22,7 @@ from eplbd.plan import RECV, Plan
 from eplbd.shm import PLAN_COMMITTED, PLAN_REJECTED, Domain
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
-from eplbd_client.testing import PlanDriver, TinyMoE, launch
+from eplbd_client.testing import PlanDriver, TinyMoE, launch, launch_with_driver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,24 +110,9 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
 def run(
     spec: dict[str, Any], driver: PlanDriver | None = None, timeout: float = 90.0
 ) -> list[dict[str, Any]]:
-    th: list[threading.Thread] = []
-
-    def started() -> None:
-        if driver is not None:
-            t = threading.Thread(target=driver.run, daemon=True)
-            t.start()
-            th.append(t)
-
-    try:
-        res = launch(rank_main, WORLD, spec, timeout=timeout, on_started=started)
-    finally:
-        if driver is not None:
-            driver.stop()
-        for t in th:
-            t.join(5)
-    if driver is not None and driver.error is not None:
-        raise driver.error
-    return res
+    if driver is None:
+        return launch(rank_main, WORLD, spec, timeout=timeout)
+    return launch_with_driver(rank_main, WORLD, spec, driver=driver, timeout=timeout)
 
 
 def check_consistent(res: list[dict[str, Any]]) -> None:

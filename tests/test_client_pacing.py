@@ -8,7 +8,6 @@ make a plan time out: the rate is raised per plan to fit ``plan_timeout_syncs``.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log
 from eplbd.shm import PLAN_COMMITTED
 from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import PlanDriver, TinyMoE, launch
+from eplbd_client.testing import PlanDriver, TinyMoE, launch_with_driver
 from eplbd_client.transfer import pace_rate
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,22 +77,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(spec: dict[str, Any], driver: PlanDriver) -> list[dict[str, Any]]:
-    th: list[threading.Thread] = []
-
-    def started() -> None:
-        t = threading.Thread(target=driver.run, daemon=True)
-        t.start()
-        th.append(t)
-
-    try:
-        res = launch(rank_main, WORLD, spec, timeout=100.0, on_started=started)
-    finally:
-        driver.stop()
-        for t in th:
-            t.join(5)
-    if driver.error is not None:
-        raise driver.error
-    return res
+    return launch_with_driver(rank_main, WORLD, spec, driver=driver, timeout=100.0)
 
 
 def check_exact(res: list[dict[str, Any]]) -> None:

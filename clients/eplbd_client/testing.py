@@ -33,7 +33,7 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_padded, replica_count
 
-__all__ = ["TinyMoE", "free_port", "launch"]
+__all__ = ["PlanDriver", "TinyMoE", "free_port", "launch", "launch_with_driver"]
 
 
 class TinyMoE:
@@ -319,6 +319,32 @@ def launch(
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def launch_with_driver(
+    fn: Callable[..., Any], world: int, *args: Any, driver: PlanDriver, **kwargs: Any
+) -> list[Any]:
+    """:func:`launch` with ``driver`` publishing plans from a parent thread meanwhile.
+
+    The driver starts once the ranks are forked and is stopped when they end (or
+    fail); an error raised in the driver is re-raised here.
+    """
+    th: list[threading.Thread] = []
+
+    def started() -> None:
+        t = threading.Thread(target=driver.run, daemon=True)
+        t.start()
+        th.append(t)
+
+    try:
+        res = launch(fn, world, *args, on_started=started, **kwargs)
+    finally:
+        driver.stop()
+        for t in th:
+            t.join(5)
+    if driver.error is not None:
+        raise driver.error
+    return res
 
 
 # -- a stand-in for the daemon ------------------------------------------------------
