@@ -112,11 +112,13 @@ def _timer_overhead_ns(n: int = 2000) -> float:
 
 
 def _overhead_rank(
-    rank: int, world: int, g: Geometry, name: str, steps: int, k: int, all_at_once: bool
+    rank: int, world: int, g: Geometry, name: str, steps: int, k: int, all_at_once: bool, sync_thread: bool
 ) -> dict[str, Any]:
     host = _NullHost(g)
-    client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k))
-    coll_cpu = _time_collectives(client)
+    client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k, sync_thread=sync_thread))
+    # With a sync thread the forward thread makes no collective call: nothing to
+    # subtract. Without, the collective calls' own time is taken out of the step.
+    coll_cpu = [0] if sync_thread else _time_collectives(client)
     counts = [torch.randint(0, 50, (g.slots_per_rank,)) for _ in range(g.num_layers)]
     stacked = torch.stack(counts)
     record = client.record
@@ -137,14 +139,22 @@ def _overhead_rank(
         client.step()
         t1, c1 = pc(), tt()
         is_sync = (i + 1) % k == 0
-        coll = client.stats.last_collective_ns if is_sync else 0
+        coll = client.stats.last_collective_ns if is_sync and not sync_thread else 0
         wall[i] = t1 - t0 - coll
         cpu[i] = c1 - c0 - coll_cpu[0]
         sync[i] = is_sync
         time.sleep(0.0002)  # stands in for the forward: lets the all-gather finish in between
     timer = _timer_overhead_ns()
     client.close()
-    return {"wall": wall, "cpu": cpu, "sync": sync, "timer": timer}
+    s = client.stats
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "sync": sync,
+        "timer": timer,
+        "sync_thread_cpu_per_sync_ns": s.sync_thread_cpu_ns / max(s.syncs, 1),
+        "sync_thread_waits": s.sync_thread_waits,
+    }
 
 
 def _pct(a: np.ndarray) -> dict[str, float]:
@@ -153,14 +163,15 @@ def _pct(a: np.ndarray) -> dict[str, float]:
 
 def bench_overhead(steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for label, g, at_once in (
-        ("L=4 S=6, record per layer", Geometry(4, 16, 4, 6), False),
-        ("L=58 S=72, record per layer", Geometry(58, 256, 4, 72), False),
-        ("L=58 S=72, record_all", Geometry(58, 256, 4, 72), True),
+    for label, g, at_once, threaded in (
+        ("L=4 S=6, record per layer", Geometry(4, 16, 4, 6), False, True),
+        ("L=58 S=72, record per layer", Geometry(58, 256, 4, 72), False, True),
+        ("L=58 S=72, record_all", Geometry(58, 256, 4, 72), True, True),
+        ("L=58 S=72, record_all, no sync thread", Geometry(58, 256, 4, 72), True, False),
     ):
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
         try:
-            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, at_once, timeout=300)
+            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, at_once, threaded, timeout=300)
         finally:
             remove_prefix(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
@@ -175,6 +186,11 @@ def bench_overhead(steps: int) -> dict[str, Any]:
             "sync_steps_cpu": _pct(cpu[sync]),
             "mean_per_step_wall_us": float(wall.mean()) / 1e3,
             "timer_overhead_us": float(np.median([r["timer"] for r in res])) / 1e3,
+            "sync_thread": threaded,
+            "sync_thread_cpu_per_sync_us": (
+                float(np.median([r["sync_thread_cpu_per_sync_ns"] for r in res])) / 1e3 if threaded else None
+            ),
+            "sync_thread_waits": int(sum(r["sync_thread_waits"] for r in res)),
         }
     return out
 
@@ -197,7 +213,12 @@ def bytes_per_sync(g: Geometry) -> dict[str, int]:
 def _steptime_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     g = spec["g"]
     model = TinyMoE(g, rank, hidden=spec["hidden"], ffn=spec["ffn"], tokens=spec["tokens"], seed=3)
-    cfg = ClientConfig(sync_interval=spec["k"], mode=spec["mode"], max_staged_experts=spec["staged"])
+    cfg = ClientConfig(
+        sync_interval=spec["k"],
+        mode=spec["mode"],
+        max_staged_experts=spec["staged"],
+        sync_thread=spec["sync_thread"],
+    )
     client = EplbClient(model, g, spec["name"], config=cfg)
     n = spec["steps"]
     dt = np.zeros(n, dtype=np.int64)
@@ -223,10 +244,14 @@ def _steptime_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any
     }
 
 
+#: (label, mode, sync_thread) of the step-time runs.
+STEP_MODES = (("async", "async", True), ("async-inline", "async", False), ("stw", "stw", False))
+
+
 def bench_steptime(steps: int) -> dict[str, Any]:
     g = Geometry(4, 16, 4, 6)
     out: dict[str, Any] = {"expert_bytes": 2 * 256 * 512 * 4, "tokens": 256, "sync_interval": 4}
-    for mode in ("async", "stw"):
+    for label, mode, threaded in STEP_MODES:
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
         name = prefix + "step"
         spec = {
@@ -236,6 +261,7 @@ def bench_steptime(steps: int) -> dict[str, Any]:
             "tokens": 256,
             "k": 4,
             "mode": mode,
+            "sync_thread": threaded,
             "staged": 24,
             "name": name,
             "steps": steps,
@@ -257,7 +283,7 @@ def bench_steptime(steps: int) -> dict[str, Any]:
         r0 = res[0]
         warm = 10
         dt, fl = r0["dt"][warm:], r0["inflight"][warm:]
-        out[mode] = {
+        out[label] = {
             "no_plan": {**_pct(dt[~fl]), "steps": int((~fl).sum())},
             "plan_in_flight": {**_pct(dt[fl]), "steps": int(fl.sum())} if fl.any() else None,
             "max_step_us": float(dt.max()) / 1e3,
@@ -313,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| sync steps wall p50 {s['p50_us']:.1f} p99 {s['p99_us']:.1f} "
                 f"cpu p50 {sc['p50_us']:.1f} p99 {sc['p99_us']:.1f} "
                 f"(timer {v['timer_overhead_us']:.1f})"
+                + (
+                    f" | sync thread cpu/sync {v['sync_thread_cpu_per_sync_us']:.1f}, "
+                    f"waits {v['sync_thread_waits']}"
+                    if v["sync_thread"]
+                    else ""
+                )
             )
         print("bytes per sync per rank (computed):")
         for label, v in report["bytes_per_sync"].items():
@@ -325,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         st = report["step_time"]
         if st is not None:
             print("step time, rank 0 (ms):")
-        for mode in ("async", "stw") if st is not None else ():
+        for mode, _, _ in STEP_MODES if st is not None else ():
             v = st[mode]
             a, b = v["no_plan"], v["plan_in_flight"]
-            line = f"  {mode:5s} no plan p50 {_ms(a['p50_us'])} p99 {_ms(a['p99_us'])} ({a['steps']} steps)"
+            line = f"  {mode:12s} no plan p50 {_ms(a['p50_us'])} p99 {_ms(a['p99_us'])} ({a['steps']} steps)"
             if b:
                 line += f" | in flight p50 {_ms(b['p50_us'])} p99 {_ms(b['p99_us'])} ({b['steps']} steps)"
             line += f" | max {_ms(v['max_step_us'])} | plans {v['plans_committed']}"

@@ -88,6 +88,7 @@ __all__ = [
 log = logging.getLogger("eplbd_client")
 
 MODES = ("async", "stw")
+NBUF = 3  # count buffers: one being recorded, one in its all-gather, one being zeroed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,13 @@ class ClientConfig:
       the steps instead of bursting. Raised per plan where needed so that pacing
       never trips ``plan_timeout_syncs``. Should be equal on every rank (peers then
       reach each round at the same step); agreement does not depend on it.
+    - sync_thread (*): async mode only. True: the sync's work (waiting for and reading
+      the previous all-gather, the decision, polling, packing the words, launching the
+      next all-gather) runs on a *sync thread* over a process group of its own, and the
+      forward thread only switches the count buffers, hands the sync over and applies,
+      at the next sync, what the sync thread decided (commits one sync later). False:
+      all of it on the forward thread, at the sync itself (the stop-the-world mode
+      always works that way).
     """
 
     sync_interval: int = 16
@@ -133,6 +141,7 @@ class ClientConfig:
     shm_mode: int = 0o600
     unlink_on_close: bool = True
     transfer_rounds_per_step: float = 0.0
+    sync_thread: bool = True
 
     def __post_init__(self) -> None:
         if self.sync_interval < 1:
@@ -217,6 +226,10 @@ class ClientStats:
     # Gather buffers replaced because the leader's publisher still held them (it
     # fell more than two syncs behind); each costs one allocation, no window is lost.
     recv_buffers_replaced: int = 0
+    # Sync thread (``sync_thread``): its CPU time over all syncs, and the syncs at
+    # which the forward thread found it still busy with the previous one and waited.
+    sync_thread_cpu_ns: int = 0
+    sync_thread_waits: int = 0
     history: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (event, plan, sync)
 
 
@@ -422,6 +435,7 @@ class EplbClient:
         *,
         group: Any = None,
         transfer_group: Any = None,
+        control_group: Any = None,
         config: ClientConfig | None = None,
         phy2log: np.ndarray | None = None,
         epoch: int = 0,
@@ -475,11 +489,22 @@ class EplbClient:
                 self.domain_name,
             )
         self.capacity = cfg.max_staged_experts or S
-        self.stats = ClientStats()
+        self._threaded = cfg.sync_thread and cfg.mode == "async"
+        # ``_ws``: the counters the sync's code updates. With a sync thread, callers
+        # see ``stats``, a copy adopted at each forward sync after a decision, so the
+        # replicated counters are equal on every rank at equal steps.
+        self._ws = ClientStats()
+        self._snap = ClientStats() if self._threaded else self._ws
 
         p2l = default_phy2log(g) if phy2log is None else validate_phy2log(phy2log, g).copy()
-        self._phy2log = p2l  # never mutated in place: commits replace it (snapshots stay valid)
+        # Agreed (logical) placement: never mutated in place, commits replace it.
+        self._phy2log = p2l
         self.state = C.Agreed(epoch=int(epoch))
+        # What the forward pass runs with (equal to the agreed one except, with a sync
+        # thread, between a commit's decision and the next sync, which applies it).
+        self._p2l_in_force = p2l
+        self._epoch_in_force = int(epoch)
+        self._active_in_force = -1
         self._config_digest = zlib.crc32(
             repr(
                 (
@@ -489,6 +514,7 @@ class EplbClient:
                     cfg.plan_timeout_syncs,
                     cfg.divergence_syncs,
                     self.rpn,
+                    self._threaded,
                     g.to_dict(),
                 )
             ).encode()
@@ -505,12 +531,23 @@ class EplbClient:
         self._K = cfg.sync_interval
         self._width = width = ls + C.NUM_WORDS
         self._comm_device = comm_device
-        # Two send buffers, alternating: with the counts on the comm device the
-        # recorder accumulates straight into the counts part of the next one.
-        self._sends = [torch.zeros(width, dtype=torch.int64, device=comm_device) for _ in range(2)]
-        self._send_np = [b.numpy() if comm_device.type == "cpu" else None for b in self._sends]
-        self._cur = 0
-        self._send = self._sends[0]
+        # Window w's counts live in buffer w % NBUF: recorded (forward thread, steps
+        # of window w), gathered (sync w), zeroed once that all-gather finished
+        # (sync w + 1), recorded into again from sync w + 2. With the counts on the
+        # comm device they are the counts part of the all-gather's send buffers.
+        nb = NBUF
+        if self._comm_same_device:
+            self._sends = [torch.zeros(width, dtype=torch.int64, device=comm_device) for _ in range(nb)]
+            rec_bufs = [b[:ls].view(L, S) for b in self._sends]
+        else:  # e.g. CUDA weights with a gloo group: counts on the device, one host send buffer
+            self._sends = [self.dev.pinned_empty((width,), torch.int64).zero_()]
+            rec_bufs = [torch.zeros((L, S), dtype=torch.int64, device=host.device) for _ in range(nb)]
+        self._rec_bufs = rec_bufs
+        self._send_np = [b.numpy() if b.device.type == "cpu" else None for b in self._sends]
+        # Device buffers: the event after each one's zeroing on the comm stream, which
+        # the forward stream waits for before recording into it again.
+        self._zero_ev: list[Any] = [None] * nb
+        self._fwd_events = self.dev.has_streams  # the forward records an event at each sync
         # Numpy views made once (a .numpy() call or a slice per sync costs microseconds).
         if comm_device.type == "cpu":
             self._words_t = torch.zeros(C.NUM_WORDS, dtype=torch.int64)
@@ -527,26 +564,37 @@ class EplbClient:
             # _pack writes the words straight into the send buffer's tail.
             self._words_dst = [(memoryview(a).cast("B"), ls * 8) for a in self._send_np if a is not None]
         else:
-            self._words_dst = [(memoryview(self._words_np).cast("B"), 0)] * 2
-        self._counts_mv = [memoryview(a[:ls]).cast("B") if a is not None else None for a in self._send_np]
+            self._words_dst = [(memoryview(self._words_np).cast("B"), 0)] * nb
+        self._counts_mv = [
+            memoryview(a[:ls]).cast("B") if a is not None and self._comm_same_device else None
+            for a in self._send_np
+        ]
         self._zeros = bytes(ls * 8)
         # Where the gathered matrix lands on the host: the all-gather's output
         # itself on a CPU group, else a pinned copy of the device result. The
-        # leader keeps three, so that its publisher reads window n-1's counts
-        # straight from its buffer (no copy on the forward thread) for up to two
-        # syncs while the next all-gathers write into the others; other ranks
-        # only read the words during the sync, so one does.
+        # leader keeps several, so that its publisher reads window n-1's counts
+        # straight from its buffer (no copy on the sync's thread) while the next
+        # all-gathers write into the others (one more with a sync thread, which
+        # hands the publisher its jobs one sync later); other ranks only read the
+        # words during the sync, so one does.
         self._recv = (
             None
             if comm_device.type == "cpu"
             else torch.zeros(self.world * width, dtype=torch.int64, device=comm_device)
         )
-        self._rbufs = [self._new_recv() for _ in range(3 if self.is_leader else 1)]
+        self._rbufs = [self._new_recv() for _ in range((4 if self._threaded else 3) if self.is_leader else 1)]
         self._ri = 0
         self._gather_timeout = datetime.timedelta(seconds=cfg.gather_timeout_s)
-        if self._comm_same_device:
-            self.recorder.use_buffers([b[: self._ls].view(L, S) for b in self._sends])
+        self.recorder.use_buffers(rec_bufs)
+        # Jobs for the helper threads, submitted at the end of the sync's work; with a
+        # sync thread the publisher's jobs of sync n are held until sync n+1, when the
+        # forward thread has applied sync n's decision (placement before status).
         self._deferred: list[tuple[_Worker, Callable[[], None]]] = []
+        self._held: list[tuple[_Worker, Callable[[], None]]] = []
+        # Physical commits decided by the sync thread, applied by the forward thread at
+        # the next sync: (transfer, commit layers up to).
+        self._actions: list[tuple[PlanTransfer, int]] = []
+        self._dirty = False  # the sync thread changed what callers see (adopted at the next sync)
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray] | None, _RecvBuf] | None = None
         self._comm_stream = self.dev.new_stream()
@@ -554,13 +602,23 @@ class EplbClient:
         self._step = 0
 
         # Process group for p2p, used by the worker thread only.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
         if transfer_group is None:
-            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
             transfer_group = dist.new_group(ranks=ranks, backend=backend)
         self.transfer_group = transfer_group
         # One collective with every rank first: NCCL sets a communicator up lazily and
         # wants all ranks in its first call, which a p2p round never is.
         dist.all_reduce(torch.zeros(1, device=comm_device), group=transfer_group)
+        # The all-gather's group. The sync thread needs one of its own: collectives
+        # issued from two threads on one group (the engine's forward and ours) would
+        # interleave in a different order on different ranks.
+        if self._threaded:
+            if control_group is None:
+                control_group = dist.new_group(ranks=ranks, backend=backend)
+            dist.all_reduce(torch.zeros(1, device=comm_device), group=control_group)
+        else:
+            control_group = group
+        self.control_group = control_group
 
         # Shared memory: the leader creates, then one all-gather tells every rank
         # its pids and whether its node's leader succeeded (so a failure raises
@@ -606,20 +664,42 @@ class EplbClient:
         self._closed = False
         self._worker = _Worker(f"eplbd-worker-r{self.rank}")
         self._pub: _Worker | None = _Worker(f"eplbd-publisher-r{self.rank}") if self.is_leader else None
+        # The sync thread: takes (sync index, window meta, forward event) per sync.
+        self._n = 0  # next sync index (forward thread)
+        self._ctl_error: BaseException | None = None
+        self._waits = 0
+        # Held while the sync thread works on a sync (acquired by the forward thread at
+        # the handoff, released by the sync thread): a lock as a binary semaphore, the
+        # cheapest "is it done?" test Python has.
+        self._free = threading.Lock()
+        self._ctl_q: queue.SimpleQueue[tuple[int, Any, Any] | None] = queue.SimpleQueue()
+        self._ctl: threading.Thread | None = None
+        if self._threaded:
+            self._ctl = threading.Thread(target=self._ctl_loop, name=f"eplbd-sync-r{self.rank}", daemon=True)
+            self._ctl.start()
 
     # ------------------------------------------------------------------ info
     @property
+    def stats(self) -> ClientStats:
+        """Counters as of the latest sync (the plan counters are replicated: equal on every
+        rank at equal steps). With a sync thread: adopted at the forward sync after each
+        decision; ``syncs`` and ``steps`` at every sync."""
+        return self._snap
+
+    @property
     def epoch(self) -> int:
-        return self.state.epoch
+        """Epoch of the placement the forward pass runs with."""
+        return self._epoch_in_force
 
     @property
     def phy2log(self) -> np.ndarray:
-        """The placement in force [L, P] (read-only snapshot)."""
-        return self._phy2log
+        """The placement the forward pass runs with [L, P] (read-only snapshot)."""
+        return self._p2l_in_force
 
     @property
     def active_plan(self) -> int:
-        return self.state.active_id
+        """Id of the plan in progress as of the latest sync, -1 none."""
+        return self._active_in_force
 
     def status(self) -> dict[str, Any]:
         """A snapshot for logs and metrics: agreed state plus counters (cheap, forward thread)."""
@@ -632,8 +712,8 @@ class EplbClient:
             "mode": self.config.mode,
             "step": self._step,
             "sync": s.syncs,
-            "epoch": st.epoch,
-            "active_plan": st.active_id,
+            "epoch": self._epoch_in_force,
+            "active_plan": self._active_in_force,
             "layers_committed_of_active": (st.committed, st.active_layers),
             "plans_started": s.plans_started,
             "plans_committed": s.plans_committed,
@@ -658,23 +738,124 @@ class EplbClient:
         self._step += 1
         if self._step % self._K:
             return
-        self._sync()
+        if self._threaded:
+            self._handoff()
+        else:
+            self._sync_inline()
 
-    def _sync(self) -> None:
+    def _window_meta(self, n: int) -> tuple[int, int, int, int, np.ndarray] | None:
+        """(leader) Window n's id, steps and the placement in force while it was recorded:
+        commits happen only at syncs, after this is taken."""
+        if self._pub is None:
+            return None
+        return (n, self._step - self._K, self._step, self._epoch_in_force, self._p2l_in_force)
+
+    def _switch(self, w: int) -> None:
+        """Record window ``w`` from now on (into buffer w % NBUF, zeroed since its last use)."""
+        b = w % NBUF
+        zev = self._zero_ev[b]
+        if zev is not None:
+            self.dev.wait_event(zev)  # forward stream waits for the zeroing on the comm stream
+        self.recorder.switch(b)
+
+    def _sync_inline(self) -> None:
+        """Sync n on the forward thread: the whole sync's work, decisions applied at once."""
+        n = self._n
+        meta = self._window_meta(n)
+        self._switch(n + 1)
+        ev = self.dev.record_event() if self._fwd_events else None
+        self._n = n + 1
+        self._process(n, meta, ev)
+        self._p2l_in_force = self._phy2log
+        self._epoch_in_force = self.state.epoch
+        self._active_in_force = self.state.active_id
+        self._ws.steps = self._step
+
+    def _handoff(self) -> None:
+        """Sync n with a sync thread (forward thread): apply what the sync thread decided at
+        sync n-1, switch the count buffer, hand sync n over. Takes no lock the daemon or
+        the sync thread hold; waits only if the sync thread is still busy with sync n-1
+        (K forward steps after it got it)."""
+        free = self._free
+        if not free.acquire(False):
+            self._waits += 1
+            if not free.acquire(timeout=self.config.gather_timeout_s + 5):
+                raise RuntimeError(
+                    f"eplbd_client rank {self.rank}: sync thread still busy with sync {self._n - 1} "
+                    f"after {self.config.gather_timeout_s + 5:.0f} s"
+                )
+        if self._ctl_error is not None:
+            free.release()  # every later step raises the same error at once
+            raise RuntimeError(f"eplbd_client rank {self.rank}: the sync thread failed") from self._ctl_error
+        n = self._n
+        # Inlined _window_meta and _switch: this is the forward thread's whole sync.
+        step = self._step
+        meta = (n, step - self._K, step, self._epoch_in_force, self._p2l_in_force) if self._pub else None
+        if self._actions:
+            self._run_actions()
+        if self._dirty or not n & 63:  # decisions at once; the other counters now and then
+            self._adopt()
+        b = (n + 1) % NBUF
+        zev = self._zero_ev[b]
+        if zev is not None:
+            self.dev.wait_event(zev)
+        self.recorder.switch(b)
+        ev = self.dev.record_event() if self._fwd_events else None
+        self._n = n + 1
+        snap = self._snap
+        snap.syncs = n + 1
+        snap.steps = self._step
+        self._ctl_q.put((n, meta, ev))
+
+    def _run_actions(self) -> None:
+        """Forward thread: the commits the sync thread decided at the previous sync."""
+        for xfer, upto in self._actions:
+            xfer.commit(upto)
+        self._actions.clear()
+
+    def _adopt(self) -> None:
+        """Forward thread, sync thread idle: what callers see becomes the agreed state."""
+        self._dirty = False
+        self._p2l_in_force = self._phy2log
+        self._epoch_in_force = self.state.epoch
+        self._active_in_force = self.state.active_id
+        ws = self._ws
+        self._snap = dataclasses.replace(ws, history=list(ws.history), sync_thread_waits=self._waits)
+
+    def _ctl_loop(self) -> None:
+        """The sync thread: one sync's work per item, in order."""
+        q, tt = self._ctl_q, time.thread_time_ns
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            c0 = tt()
+            try:
+                self._process(*item)
+            except BaseException as e:  # the forward thread raises it at its next sync
+                self._ctl_error = e
+                log.error("eplbd_client rank %d: sync %d failed: %s", self.rank, item[0], e)
+            finally:
+                self._ws.sync_thread_cpu_ns += tt() - c0
+                self._free.release()
+
+    def _process(self, n: int, meta: tuple[int, int, int, int, np.ndarray] | None, ev: Any) -> None:
+        """Sync n's work: read the matrix gathered at sync n-1, decide, poll, pack the words,
+        launch the all-gather of window n (buffer n % NBUF, recorded until the forward
+        event ``ev``)."""
         st = self.state
-        stats = self.stats
-        n = stats.syncs
+        ws = self._ws
         st.sync = n
-        stats.steps = self._step
-        stats.last_collective_ns = 0
-        # The counts in the recorder were taken under the placement in force
-        # *before* this sync's decision (commits only happen here): capture it
-        # for the window's conversion to logical loads (leader only).
-        meta = (
-            (n, self._step - self._K, self._step, st.epoch, self._phy2log) if self._pub is not None else None
-        )
+        ws.syncs = n
+        ws.last_collective_ns = 0
+        if self._held:
+            # Sync n-1's publisher jobs (its decision's status/placement writes, then
+            # window n-2): the forward thread has applied that decision since.
+            self._deferred.extend(self._held)
+            self._held = []
         if self._pending is not None:
             rb, publish = self._finish_gather()
+            self._zero(n - 1)
             if C.quiet_bytes(b"".join(rb.word_rows), st):
                 st.diverging_since = -1  # what track_divergence does on quiet words
             else:
@@ -682,16 +863,18 @@ class EplbClient:
                 d = C.decide(words, st, self.config.plan_timeout_syncs, self.config.divergence_syncs)
                 if d.kind != C.NONE:
                     self._apply(d, words)
+                    self._dirty = True
                 C.track_divergence(words, st)
             if publish is not None:
                 # After this sync's status/placement writes (queued by _apply): a daemon
                 # woken by window n-1 then sees the plan state as of sync n, the same on
                 # every node, so the daemons' in-flight checks agree.
-                self._deferred.append(publish)
+                self._defer(*publish)
         self._poll()
-        self._pack(*self._words_dst[self._cur])
-        self._launch(meta)
-        stats.syncs = n + 1
+        b = n % NBUF
+        self._pack(*self._words_dst[b])
+        self._launch(meta, b, ev)
+        ws.syncs = n + 1
         # Wake the helper threads only now: started earlier, they would contend
         # for the GIL with the rest of this sync instead of with the next forward.
         if self._deferred:
@@ -700,7 +883,23 @@ class EplbClient:
             self._deferred.clear()
 
     def _defer(self, worker: _Worker, fn: Callable[[], None]) -> None:
-        self._deferred.append((worker, fn))
+        if self._threaded and worker is self._pub:
+            self._held.append((worker, fn))
+        else:
+            self._deferred.append((worker, fn))
+
+    def _zero(self, w: int) -> None:
+        """Window ``w``'s all-gather has finished: zero its buffer for window w + NBUF."""
+        if not self._comm_same_device:
+            return  # zeroed right after its copy to the host (_launch)
+        b = w % NBUF
+        mv = self._counts_mv[b]
+        if mv is not None:
+            mv[:] = self._zeros  # host buffer: a memcpy, cheaper than a torch or numpy op
+        else:
+            with self.dev.use_stream(self._comm_stream):
+                self._sends[b][: self._ls].zero_()
+                self._zero_ev[b] = self.dev.record_event(self._comm_stream)
 
     def _new_recv(self) -> _RecvBuf:
         n = self.world * self._width
@@ -723,7 +922,7 @@ class EplbClient:
             self.dev.synchronize_event(ev)
         else:
             work.wait(timeout=self._gather_timeout)
-        self.stats.last_collective_ns += time.perf_counter_ns() - t0
+        self._ws.last_collective_ns += time.perf_counter_ns() - t0
         publish = None
         if self._pub is not None and meta is not None:
             # The publisher reads the counts from rb itself; no all-gather writes
@@ -742,54 +941,52 @@ class EplbClient:
         rb = pool[i]
         if rb.busy:
             rb = pool[i] = self._new_recv()
-            self.stats.recv_buffers_replaced += 1
-            if self.stats.recv_buffers_replaced == 1:
+            self._ws.recv_buffers_replaced += 1
+            if self._ws.recv_buffers_replaced == 1:
                 log.warning("eplbd_client rank %d: publisher is more than two syncs behind", self.rank)
         self._ri = i
         return rb
 
-    def _launch(self, meta: tuple[int, int, int, int, np.ndarray] | None) -> None:
-        """Drain the recorder and the words into the send buffer; start the all-gather."""
-        cur = self._cur
-        if self._comm_same_device:
-            # The recorder accumulated straight into this buffer; _pack wrote the
-            # words into its tail when it is host memory.
-            self._send = self._sends[cur]
-            if self._send_np[cur] is None:
-                self._send[self._ls :].copy_(self._words_t, non_blocking=True)
-        else:  # e.g. CUDA weights with a gloo group: a synchronous hop through host memory
-            self._send[: self._ls].copy_(self.recorder.acc.view(-1))
-            self.recorder.acc.zero_()
-            self._send[self._ls :].copy_(self._words_t)
+    def _launch(self, meta: tuple[int, int, int, int, np.ndarray] | None, b: int, fwd_ev: Any) -> None:
+        """Start the all-gather of window buffer ``b`` and the packed words. ``fwd_ev``:
+        stream devices, recorded on the forward stream after the window's last count."""
+        dev, comm, ls = self.dev, self._comm_stream, self._ls
         rb = self._next_recv()
         ev = None
         t0 = time.perf_counter_ns()
-        if self._recv is not None and self._comm_stream is not None and self._comm_same_device:
-            self.dev.wait_event(self.dev.record_event(), self._comm_stream)
-            with self.dev.use_stream(self._comm_stream):
-                work = self._gather(self._recv, self._send, group=self.group, async_op=True)
-                work.wait()  # stream-ordered: the copy below runs after the collective
-                rb.t.copy_(self._recv, non_blocking=True)
-                ev = self.dev.record_event(self._comm_stream)
-        elif self._recv is not None:  # device group without streams: a blocking copy at the next sync
-            work = self._gather(self._recv, self._send, group=self.group, async_op=True)
-            work.wait()
-            rb.t.copy_(self._recv)
-        else:
-            work = self._gather(rb.t, self._send, group=self.group, async_op=True)
-        self.stats.last_collective_ns += time.perf_counter_ns() - t0
-        self._pending = (work, ev, meta, rb)
         if self._comm_same_device:
-            # The other buffer fed the previous all-gather, which completed at the
-            # start of this sync: it can take the next window's counts.
-            cur ^= 1
-            self._cur = cur
-            nxt = self._counts_mv[cur]
-            if nxt is not None:
-                nxt[:] = self._zeros  # host buffer: a memcpy, cheaper than a torch or numpy op
-            else:
-                self._sends[cur][: self._ls].zero_()
-            self.recorder.switch(cur)
+            send = self._sends[b]
+            if self._recv is not None and comm is not None:
+                with dev.use_stream(comm):
+                    dev.wait_event(fwd_ev, comm)
+                    send[ls:].copy_(self._words_t, non_blocking=True)  # pinned: no host sync
+                    work = self._gather(self._recv, send, group=self.control_group, async_op=True)
+                    work.wait()  # stream-ordered: the copy below runs after the collective
+                    rb.t.copy_(self._recv, non_blocking=True)
+                    ev = dev.record_event(comm)
+            elif self._recv is not None:  # device group without streams: blocking copies
+                send[ls:].copy_(self._words_t)
+                work = self._gather(self._recv, send, group=self.control_group, async_op=True)
+                work.wait()
+                rb.t.copy_(self._recv)
+            else:  # host buffers, host group: _pack wrote the words into the tail
+                work = self._gather(rb.t, send, group=self.control_group, async_op=True)
+        else:
+            # Counts on the device, host group (e.g. CUDA weights, gloo): a blocking hop
+            # through pinned host memory, on this thread; then the buffer is zeroed.
+            send = self._sends[0]
+            buf = self._rec_bufs[b]
+            with dev.use_stream(comm):
+                dev.wait_event(fwd_ev, comm)
+                send[:ls].copy_(buf.view(-1), non_blocking=True)
+                done = dev.record_event(comm)
+                buf.zero_()
+                self._zero_ev[b] = dev.record_event(comm)
+            dev.synchronize_event(done)
+            send[ls:].copy_(self._words_t)
+            work = self._gather(rb.t, send, group=self.control_group, async_op=True)
+        self._ws.last_collective_ns += time.perf_counter_ns() - t0
+        self._pending = (work, ev, meta, rb)
 
     # ------------------------------------------------------------------ decisions
     def _apply(self, d: C.Decision, words: np.ndarray | None = None) -> None:
@@ -802,11 +999,11 @@ class EplbClient:
             self._finish_plan(PLAN_ABORTED, d.error, self._xfer.error_message if self._xfer else "")
         elif d.kind == C.REJECT:
             st.last_decided_id = d.plan_id
-            self.stats.plans_rejected += 1
+            self._ws.plans_rejected += 1
             if d.error in C.MISMATCH_ERRORS:
-                self.stats.plans_mismatched += 1
+                self._ws.plans_mismatched += 1
             self._note_error(d.plan_id, d.error, "plan rejected" + self._mismatch_detail(d, words))
-            self.stats.history.append(("reject", d.plan_id, st.sync))
+            self._ws.history.append(("reject", d.plan_id, st.sync))
             self._queue_status(PlanStatus(d.plan_id, PLAN_REJECTED, 0, d.error, time.time_ns()))
 
     def _start(self, d: C.Decision) -> None:
@@ -817,8 +1014,8 @@ class EplbClient:
         st.last_progress_sync = st.sync
         self._exec_err = 0
         self._abort_req = False
-        self.stats.plans_started += 1
-        self.stats.history.append(("start", d.plan_id, st.sync))
+        self._ws.plans_started += 1
+        self._ws.history.append(("start", d.plan_id, st.sync))
         entry = self._validated.get(d.plan_id)
         xfer: PlanTransfer | None = None
         if entry is None or entry[0] != d.plan_hash:  # cannot happen: this rank reported it OK
@@ -843,8 +1040,9 @@ class EplbClient:
                     # The forward thread's own step counter, read by the worker without a lock.
                     step_clock=lambda: self._step,
                     # Steps one paced layer may take and still commit within the plan
-                    # timeout (the agreement lags staging by up to two syncs, plus slack).
-                    max_layer_steps=(self.config.plan_timeout_syncs - 4) * self.config.sync_interval,
+                    # timeout (the agreement lags staging by up to two syncs, a sync
+                    # thread's commit by one more, plus slack).
+                    max_layer_steps=(self.config.plan_timeout_syncs - 5) * self.config.sync_interval,
                 )
                 n_layers = xfer.num_layers
             except Exception as e:
@@ -879,7 +1077,7 @@ class EplbClient:
         t0 = time.perf_counter()
         flag = torch.zeros(1, dtype=torch.int64)
         if self._comm_same_device:
-            flag = flag.to(self._send.device)
+            flag = flag.to(self._sends[0].device)
         for j in range(xfer.num_layers):
             err = 0
             try:
@@ -895,16 +1093,20 @@ class EplbClient:
                 self._finish_plan(PLAN_ABORTED, err, xfer.error_message)
                 break
             self._commit(j + 1)
-        self.stats.stw_seconds += time.perf_counter() - t0
+        self._ws.stw_seconds += time.perf_counter() - t0
 
     def _commit(self, upto: int) -> None:
         st = self.state
         xfer = self._xfer
         assert xfer is not None
-        layers = xfer.commit(upto)
+        layers = [int(x) for x in xfer.layers[st.committed : upto]]
+        if self._threaded:
+            self._actions.append((xfer, upto))  # the forward thread copies at the next sync
+        else:
+            xfer.commit(upto)
         st.committed = upto
         st.last_progress_sync = st.sync
-        self.stats.layers_committed += len(layers)
+        self._ws.layers_committed += len(layers)
         new = self._phy2log.copy()
         new[layers] = xfer.plan.phy2log[layers]
         self._phy2log = new
@@ -914,7 +1116,7 @@ class EplbClient:
         # the new placement already in force.
         self._queue_placement()
         if full:
-            self.stats.history.append(("commit", st.active_id, st.sync))
+            self._ws.history.append(("commit", st.active_id, st.sync))
             self._finish_plan(PLAN_COMMITTED, 0)
         else:
             self._queue_status(PlanStatus(st.active_id, PLAN_STARTED, upto, 0, time.time_ns()))
@@ -925,10 +1127,10 @@ class EplbClient:
         if self._xfer is not None:
             self._xfer.abort()  # no-op for a finished transfer; stops a running one
         if state == PLAN_COMMITTED:
-            self.stats.plans_committed += 1
+            self._ws.plans_committed += 1
         else:
-            self.stats.plans_aborted += 1
-            self.stats.history.append(("abort", pid, st.sync))
+            self._ws.plans_aborted += 1
+            self._ws.history.append(("abort", pid, st.sync))
             self._note_error(
                 pid,
                 error,
@@ -959,9 +1161,10 @@ class EplbClient:
         return f" ({what}; " + ", ".join(per_node) + ")"
 
     def _note_error(self, plan_id: int, code: int, what: str) -> None:
-        self.stats.last_error = code
-        self.stats.last_error_plan = plan_id
-        self.stats.last_error_message = f"{what}: {C.error_name(code)}"
+        self._dirty = True
+        self._ws.last_error = code
+        self._ws.last_error_plan = plan_id
+        self._ws.last_error_message = f"{what}: {C.error_name(code)}"
         log.warning("eplbd_client rank %d: plan %d: %s (%s)", self.rank, plan_id, what, C.error_name(code))
 
     # ------------------------------------------------------------------ plans from shm
@@ -972,8 +1175,8 @@ class EplbClient:
         try:
             latest = self._dom_poll.latest_plan_id()
         except Exception as e:  # a broken segment must not stop inference
-            self.stats.poll_errors += 1
-            if self.stats.poll_errors == 1:
+            self._ws.poll_errors += 1
+            if self._ws.poll_errors == 1:
                 log.error("eplbd_client rank %d: cannot poll plan id: %s", self.rank, e)
             return
         if latest <= st.last_decided_id:
@@ -1074,8 +1277,8 @@ class EplbClient:
         try:
             fn(*args)
         except Exception as e:  # shm trouble must never stop inference; count and log once
-            self.stats.publish_errors += 1
-            if self.stats.publish_errors <= 3:
+            self._ws.publish_errors += 1
+            if self._ws.publish_errors <= 3:
                 log.error(
                     "eplbd_client rank %d: writing %s to %s failed: %s", self.rank, what, self.domain_name, e
                 )
@@ -1099,7 +1302,7 @@ class EplbClient:
         try:
             self._dom_w.write_window(window_id, loads, epoch=epoch, step_begin=step_begin, step_end=step_end)
             self._dom_w.ring_doorbell()
-            self.stats.windows_published += 1
+            self._ws.windows_published += 1
         except Exception as e:
             self._pub_call("window", _raise, e)
 
@@ -1109,6 +1312,18 @@ class EplbClient:
         if self._closed:
             return
         self._closed = True
+        if self._ctl is not None:
+            self._free.acquire(timeout=self.config.gather_timeout_s + 5)
+            self._ctl_q.put(None)
+            self._ctl.join(timeout=10)
+            if self._ctl_error is None:
+                # What every rank agreed at the last sync: applied here too, so that the
+                # weights, the tables, the shm placement and the stats agree.
+                self._run_actions()
+                self._adopt()
+                for worker, fn in self._held:
+                    worker.submit(fn)
+                self._held = []
         if self._xfer is not None:
             self._xfer.abort()
         if self._pending is not None:
