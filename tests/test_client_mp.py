@@ -51,6 +51,15 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
 
         T.PlanTransfer.transfer_layer = stuck  # type: ignore[method-assign]
     client = EplbClient(model, G, spec["domain"], config=cfg)
+    # Which threads issue the sync's all-gather (with a sync thread: never the forward's).
+    gather_threads: set[str] = set()
+    gather = client._gather
+
+    def traced_gather(*args: Any, **kwargs: Any) -> Any:
+        gather_threads.add(threading.current_thread().name)
+        return gather(*args, **kwargs)
+
+    client._gather = traced_gather
     go = spec.get("go")
     if go is not None:
         go.wait(30)
@@ -86,6 +95,8 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         "mismatches": model.weight_mismatches(),
         "tables_ok": model.tables_consistent(),
         "commits": model.commits,
+        "gather_threads": sorted(gather_threads),
+        "main_thread": threading.current_thread().name,
     }
     if client.is_leader:
         time.sleep(0.05)  # let the publisher thread finish its queue
@@ -131,13 +142,22 @@ def check_consistent(res: list[dict[str, Any]]) -> None:
     assert res[0]["windows_checked"] > 0 and res[0]["windows_bad"] == [], res[0]["windows_bad"]
 
 
-@pytest.mark.parametrize("mode", ["async", "stw"])
+@pytest.mark.parametrize("mode", ["async", "async-inline", "stw"])
 def test_random_plans_applied_bitwise(shm_prefix: str, mode: str) -> None:
+    """Three plans, exact everywhere. ``async``: the sync runs on the sync thread, and the
+    forward thread never issues the all-gather; ``async-inline`` / ``stw``: on the forward
+    thread."""
     name = shm_prefix + "job.m0"
     driver = PlanDriver(name, G, plans=3, source="random", gap_windows=2, seed=5)
-    spec = {"domain": name, "config": {"sync_interval": 4, "mode": mode}, "commits": 3}
+    cfg = {"sync_interval": 4, "mode": mode.split("-")[0], "sync_thread": mode == "async"}
+    spec = {"domain": name, "config": cfg, "commits": 3}
     res = run(spec, driver)
     check_consistent(res)
+    for rank, r in enumerate(res):
+        if mode == "async":
+            assert r["gather_threads"] == [f"eplbd-sync-r{rank}"], r["gather_threads"]
+        else:
+            assert r["gather_threads"] == [r["main_thread"]], r["gather_threads"]
     assert res[0]["stats"]["plans_committed"] == 3
     assert res[0]["stats"]["plans_aborted"] == 0
     assert res[0]["epoch"] == driver.published[-1]

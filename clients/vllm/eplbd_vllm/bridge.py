@@ -71,6 +71,10 @@ class ModelBridge:
                 raise RuntimeError(f"eplbd-vllm: vLLM's EP GroupCoordinator has no {attr!r}")
         self.group = ep.device_group
         transfer_group = _transfer_group(ep, get_eplb_group)
+        # The client's sync thread all-gathers on a group of its own (the forward
+        # pass's collectives on the EP group are issued from another thread).
+        threaded = client_config.sync_thread and client_config.mode == "async"
+        control_group = _ep_subgroup(ep) if threaded else None
         R = int(ep.world_size)
         S = int(model.num_local_physical_experts)
         L = int(model.num_moe_layers)
@@ -108,6 +112,7 @@ class ModelBridge:
             self.domain,
             group=self.group,
             transfer_group=transfer_group,
+            control_group=control_group,
             config=cfg,
             phy2log=self.host.phy2log(),
         )
@@ -184,6 +189,13 @@ def _transfer_group(ep: Any, get_eplb_group: Any) -> Any:
             return get_eplb_group().device_group
         except AssertionError:  # vLLM made no EPLB group: same construction as below
             pass
+    return _ep_subgroup(ep)
+
+
+def _ep_subgroup(ep: Any) -> Any:
+    """A new process group with this rank's EP group's ranks: ``new_subgroups_by_enumeration``
+    over every EP group's ranks, a collective over the whole world (each EP group of a
+    larger job gets its own; ``new_group`` would need every process to name the same ranks)."""
     views: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(views, tuple(sorted(int(r) for r in ep.ranks)))
     groups = [list(r) for r in sorted(set(views))]
