@@ -919,7 +919,7 @@ class EplbClient:
         if ev is not None:
             # Stream device: the event follows the collective and the copy to pinned
             # host memory on the comm stream; both finished long ago.
-            self.dev.synchronize_event(ev)
+            self.dev.wait_event_host(ev, self.config.gather_timeout_s)
         else:
             work.wait(timeout=self._gather_timeout)
         self._ws.last_collective_ns += time.perf_counter_ns() - t0
@@ -982,7 +982,7 @@ class EplbClient:
                 done = dev.record_event(comm)
                 buf.zero_()
                 self._zero_ev[b] = dev.record_event(comm)
-            dev.synchronize_event(done)
+            dev.wait_event_host(done, self.config.gather_timeout_s)
             send[ls:].copy_(self._words_t)
             work = self._gather(rb.t, send, group=self.control_group, async_op=True)
         self._ws.last_collective_ns += time.perf_counter_ns() - t0

@@ -9,6 +9,7 @@ calling thread and every event is "done" at once.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,10 +67,20 @@ class DeviceOps:
         (stream if stream is not None else self.current_stream()).wait_event(ev)
 
     @staticmethod
-    def synchronize_event(ev: Any) -> None:
-        """Block the host until ``ev`` completed (used only where it has long completed)."""
-        if ev is not None:
-            ev.synchronize()
+    def wait_event_host(ev: Any, timeout_s: float) -> None:
+        """Wait on the host for ``ev`` by polling ``query()`` (sleeping 20 µs, then up to 1 ms,
+        between polls): for threads other than the forward thread, so that no synchronising
+        CUDA call is made while the forward's sync-debug mode is on (it is process-wide).
+        Raises TimeoutError after ``timeout_s``."""
+        if ev is None or ev.query():
+            return
+        deadline = time.monotonic() + timeout_s
+        nap = 20e-6
+        while not ev.query():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"device event not complete after {timeout_s:.0f} s")
+            time.sleep(nap)
+            nap = min(nap * 2, 1e-3)
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Host buffer for device->host copies: pinned where the device supports it."""
