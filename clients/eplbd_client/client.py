@@ -8,13 +8,21 @@ Usage on every EP rank (same calls, same order on every rank)::
         client.step()                      # once per forward step, after the forward
     client.close()
 
-Threads. Everything in :meth:`EplbClient.step` runs on the forward thread and
-never blocks on the daemon or on transfers. A *worker* thread reads and
-validates plans from shm and stages experts (:mod:`eplbd_client.transfer`),
-using its own process group for p2p (gloo cannot interleave p2p from one thread
-with collectives from another on one group) and its own stream on devices with
-streams. The node leader has a *publisher* thread that does the shm writes
-(window, plan status, placement in force) and rings the doorbell.
+Threads. Nothing the forward thread runs blocks on the daemon, on transfers or
+(with the default *sync thread*) on the device or a collective:
+
+- the **forward thread** calls ``record`` (one in-place add) and ``step()`` (a
+  counter). At a sync it applies the commits decided at the previous sync (copy
+  staged experts into slots, switch the host's tables), points the recorder at
+  the next count buffer, records an event on stream devices, and hands the sync
+  to the sync thread (a lock test and a queue put);
+- the **sync thread** does each sync's work, on a process group of its own (the
+  engine's forward collectives on the EP group come from another thread);
+- a **worker** thread reads and validates plans from shm and stages experts
+  (:mod:`eplbd_client.transfer`), on its own process group for p2p and its own
+  stream on devices with streams;
+- the node leader's **publisher** thread does the shm writes (window, plan
+  status, placement in force) and rings the doorbell.
 
 Sync n (every K = ``sync_interval`` steps, at the same step on every rank):
 
@@ -23,13 +31,18 @@ Sync n (every K = ``sync_interval`` steps, at the same step on every rank):
    control words;
 2. the node leader queues window n-1 for publishing: physical counts [R, L, S]
    -> logical loads [L, E] with the placement that was in force while they
-   were recorded (remembered at sync n-1, since commits only happen at syncs);
+   were recorded (taken by the forward thread at sync n-1, before it applied
+   any commit);
 3. :func:`eplbd_client.control.decide` -> start / commit / abort / reject;
-   commits copy staged experts into slots and switch the host's tables;
+   the agreed state moves at once; a commit's copies run on the forward thread
+   at sync n+1 (the same sync on every rank; ``sync_thread=False``: at once,
+   on the forward thread, which then does all of this itself), and the
+   publisher's writes of sync n wait until then too, so a daemon never sees a
+   placement before the ranks run it;
 4. poll ``latest_plan_id`` (one word) and hand a new plan to the worker for
    reading and validation;
-5. pack this rank's counts (drained from the recorder) and control words and
-   launch the next all-gather (``async_op=True``).
+5. pack this rank's control words and launch the all-gather of window n's
+   counts (``async_op=True``).
 
 Stop-the-world mode (``mode="stw"``) executes a plan at the sync where it
 starts, synchronously on the forward thread, layer by layer, with one
@@ -411,20 +424,29 @@ class _Worker:
 
 class EplbClient:
     """One EP rank's side of eplbd. Construction is collective over the EP group
-    (and over the default group when ``transfer_group`` is not given).
+    (and over the default group when ``transfer_group`` or ``control_group`` is
+    not given).
 
     ``transfer_group`` (optional): the process group the worker thread uses for
     the p2p transfers, same ranks as ``group``. Give each client its own: two
     clients (e.g. a main model and its MTP draft model) whose transfer threads
     share one group interleave their p2p messages and mismatch or deadlock.
     Left out, the client creates a fresh one (collective over the default group).
+    ``control_group`` (optional, sync thread only): the same for the sync
+    thread's all-gathers. Both are made with ``dist.new_group`` when left out,
+    which needs every process of the job to name the same ranks: a job with
+    several EP groups must pass its own (e.g. ``new_subgroups_by_enumeration``).
 
     Hot path. ``record(layer, counts)`` is one in-place add per call (about
     1-2.5 µs of dispatch on CPU tensors, one queued kernel on a device); an
     engine that has every layer's counts in one [L, S] tensor should call
     ``client.recorder.record_all(counts)`` once per step instead. ``step()`` is a
-    counter increment except at syncs; a sync with nothing in flight reads the
-    gathered words with one bytes comparison (:func:`control.quiet`).
+    counter increment except at syncs, where (sync thread) it takes a lock the
+    sync thread released K steps earlier, applies decided commits if any,
+    switches the count buffer and puts one item on the sync thread's queue.
+    The sync thread's own work shows in ``stats.sync_thread_cpu_ns``; it waits
+    for the GIL like any thread, so it runs while the forward thread is inside
+    torch calls (which release the GIL) or idle.
     """
 
     def __init__(
