@@ -4,22 +4,31 @@ Run: ``.venv/bin/python benchmarks/bench_client.py [--json] [--quick]``
 
 1. **Overhead** (4 gloo ranks, no model): per step, the wall time and the
    forward thread's CPU time (``time.thread_time_ns``) of the L ``record``
-   calls (or one ``recorder.record_all``) plus ``step()``, minus the collective
-   calls themselves on sync steps (the all-gather launch and the wait for the
-   previous one: wall from ``ClientStats.last_collective_ns``, CPU measured by
-   wrapping the client's gather function and its work handle). Median and p99
-   over all steps (sync steps included), and the sync steps alone. Two
-   geometries: the test model's (L=4, S=6) and DeepSeek-V3's layer count and
-   total slots on 4 ranks (L=58, E=256, S=72, P=288). ``timer_overhead_us``:
-   the cost of the four clock reads around each step, included in every figure.
+   calls (or one ``recorder.record_all``) plus ``step()``, minus the time spent
+   waiting for collectives on sync steps. With the sync thread (default) the
+   forward thread makes no collective call; it can only wait for the sync
+   thread to finish the previous sync, which in practice means waiting for the
+   all-gather, i.e. for a rank whose forward loop is behind (nothing else
+   synchronises the ranks here: no model, no all-to-all): that wall wait
+   (``ClientStats.last_collective_ns``) is subtracted. Without the sync thread
+   (``sync_thread=False``, one row for comparison) the all-gather launch and
+   the wait for the previous one run on the forward thread: their wall time
+   and, for the CPU figure, their CPU time (measured by wrapping the client's
+   gather function and its work handle) are subtracted. Median and p99 over
+   all steps (sync steps included), and the sync steps alone; the sync
+   thread's CPU per sync and the number of syncs at which the forward thread
+   found it busy. Geometries: the test model's (L=4, S=6) and DeepSeek-V3's
+   layer count and total slots on 4 ranks (L=58, E=256, S=72, P=288).
+   ``timer_overhead_us``: the cost of the four clock reads around each step,
+   included in every figure.
 2. **Bytes per sync** (computed, not measured): what each rank contributes to
    and receives from the all-gather of ``[L*S counts | control words]`` int64,
    against a ring all-reduce of logical loads [L, E] int64 (the ring moves
    2(R-1)/R of the buffer per rank) and of physical counts [L, P].
 3. **Step time** (4 gloo ranks, the tiny EP MoE model with 1 MiB experts):
    p50/p99 of rank 0's step (forward + record + step) while no plan is in
-   flight vs while one is, for the asynchronous client and the stop-the-world
-   mode. Plans (random placements, many moves) come from a driver thread of
+   flight vs while one is, for the asynchronous client with and without the
+   sync thread and the stop-the-world mode. Plans (random placements, many moves) come from a driver thread of
    this process standing in for the daemon.
 
 Figures depend on the machine; the report prints the CPU count and load.
@@ -139,7 +148,7 @@ def _overhead_rank(
         client.step()
         t1, c1 = pc(), tt()
         is_sync = (i + 1) % k == 0
-        coll = client.stats.last_collective_ns if is_sync and not sync_thread else 0
+        coll = client.stats.last_collective_ns if is_sync else 0
         wall[i] = t1 - t0 - coll
         cpu[i] = c1 - c0 - coll_cpu[0]
         sync[i] = is_sync

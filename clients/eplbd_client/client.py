@@ -233,8 +233,10 @@ class ClientStats:
     publish_errors: int = 0
     poll_errors: int = 0
     stw_seconds: float = 0.0  # forward-thread time spent in stop-the-world transfers
-    # Wall time of the collective calls of the latest sync (launch + wait), so a
-    # benchmark can subtract it from step() and see the client's own cost.
+    # Wall time the forward thread spent at the latest sync waiting for collectives
+    # (inline: the all-gather's launch and wait; sync thread: waiting for the sync
+    # thread, still in the previous all-gather), so a benchmark can subtract it from
+    # step() and see the client's own cost.
     last_collective_ns: int = 0
     # Gather buffers replaced because the leader's publisher still held them (it
     # fell more than two syncs behind); each costs one allocation, no window is lost.
@@ -799,13 +801,18 @@ class EplbClient:
         the sync thread hold; waits only if the sync thread is still busy with sync n-1
         (K forward steps after it got it)."""
         free = self._free
+        waited = 0
         if not free.acquire(False):
+            # The sync thread is still in sync n-1: in practice waiting for the all-gather,
+            # i.e. for a rank whose forward is behind (what the inline sync waits for too).
             self._waits += 1
+            t0 = time.perf_counter_ns()
             if not free.acquire(timeout=self.config.gather_timeout_s + 5):
                 raise RuntimeError(
                     f"eplbd_client rank {self.rank}: sync thread still busy with sync {self._n - 1} "
                     f"after {self.config.gather_timeout_s + 5:.0f} s"
                 )
+            waited = time.perf_counter_ns() - t0
         if self._ctl_error is not None:
             free.release()  # every later step raises the same error at once
             raise RuntimeError(f"eplbd_client rank {self.rank}: the sync thread failed") from self._ctl_error
@@ -815,8 +822,10 @@ class EplbClient:
         meta = (n, step - self._K, step, self._epoch_in_force, self._p2l_in_force) if self._pub else None
         if self._actions:
             self._run_actions()
-        if self._dirty or not n & 63:  # decisions at once; the other counters now and then
+        if self._dirty:
             self._adopt()
+        elif not n & 63:  # the counters that change without a decision, now and then
+            self._adopt_counters()
         b = (n + 1) % NBUF
         zev = self._zero_ev[b]
         if zev is not None:
@@ -827,6 +836,7 @@ class EplbClient:
         snap = self._snap
         snap.syncs = n + 1
         snap.steps = self._step
+        snap.last_collective_ns = waited
         self._ctl_q.put((n, meta, ev))
 
     def _run_actions(self) -> None:
@@ -843,6 +853,16 @@ class EplbClient:
         self._active_in_force = self.state.active_id
         ws = self._ws
         self._snap = dataclasses.replace(ws, history=list(ws.history), sync_thread_waits=self._waits)
+
+    def _adopt_counters(self) -> None:
+        """Forward thread, sync thread idle: the counters that move between decisions."""
+        ws, snap = self._ws, self._snap
+        snap.windows_published = ws.windows_published
+        snap.publish_errors = ws.publish_errors
+        snap.poll_errors = ws.poll_errors
+        snap.recv_buffers_replaced = ws.recv_buffers_replaced
+        snap.sync_thread_cpu_ns = ws.sync_thread_cpu_ns
+        snap.sync_thread_waits = self._waits
 
     def _ctl_loop(self) -> None:
         """The sync thread: one sync's work per item, in order."""
