@@ -76,7 +76,16 @@ def run_replays(
 ) -> list[dict]:
     rows = []
     for pol in POLICIES:
-        s = replay(trace, g, pol, interval, history, fc, **kw).summary()  # type: ignore[arg-type]
+        kwp = dict(kw)
+        if pol != "moveaware":
+            kwp.pop("options", None)
+        res = replay(trace, g, pol, interval, history, fc, **kwp)  # type: ignore[arg-type]
+        s = res.summary()
+        # Split check against tuning on the figures reported: β over the first
+        # and the second half of the held-out windows, separately.
+        held = res.beta[res.first_window :]
+        h = held.size // 2
+        s["beta_half1"], s["beta_half2"] = float(held[:h].mean()), float(held[h:].mean())
         s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
                  f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
         rows.append(s)
@@ -129,56 +138,100 @@ def table(rows: list[dict]) -> str:
     return "\n".join(head + [fmt.format(*x) for x in lines])
 
 
+def _options(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {it!r}: expected KEY=VALUE")
+        out[k] = float(v)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("traces", nargs="*", help="trace files loads.npy [T, L, E]")
     ap.add_argument("--windows", type=int, default=200, help="synthetic trace windows (default 200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--forecast", default=DEFAULT_FORECAST,
-                    help=f"forecast method for both policies (default {DEFAULT_FORECAST}, the daemon's)")
+    ap.add_argument(
+        "--forecast",
+        default=DEFAULT_FORECAST,
+        help=f"forecast method for both policies (default {DEFAULT_FORECAST}, the daemon's)",
+    )
     ap.add_argument("--repeats", type=int, default=30, help="speed: timed calls per policy")
     ap.add_argument("--quick", action="store_true", help="60 synthetic windows, 5 timed calls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ap.add_argument("--fixed-slack", action="store_true",
-                    help="moveaware: fixed default slack, not one fitted to each history")
-    ap.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN,
-                    help="the daemon's publish gate replay applies (default %(default)s, the daemon's)")
+    ap.add_argument(
+        "--fixed-slack",
+        action="store_true",
+        help="moveaware: fixed default slack, not one fitted to each history",
+    )
+    ap.add_argument(
+        "--min-gain",
+        type=float,
+        default=DEFAULT_MIN_GAIN,
+        help="the daemon's publish gate replay applies (default %(default)s, the daemon's)",
+    )
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="moveaware option for the replays (repeatable), e.g. first_scenario_rounds=0",
+    )
+    ap.add_argument(
+        "--only", default="", help="replay only traces whose name contains this (and the synthetic one)"
+    )
+    ap.add_argument("--no-synthetic", action="store_true", help="skip the synthetic DeepSeek-like replay")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.repeats = 60, 5
     g = Geometry.deepseek_v3()
     synth = drifting_trace(args.windows, g.num_layers, g.num_experts, args.seed, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
-    kw = {"adaptive": not args.fixed_slack, "min_gain": args.min_gain}
-    rows = run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast, **kw)
+    kw = {"adaptive": not args.fixed_slack, "min_gain": args.min_gain, "options": _options(args.option)}
+    rows = [] if args.no_synthetic else run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast,
+                                                    **kw)  # fmt: skip
     skipped = []
     for path in args.traces:
-        tr = validate_trace(np.load(path, allow_pickle=False), path)
         name = Path(path).parent.name or Path(path).stem
+        if args.only not in name:
+            continue
+        tr = validate_trace(np.load(path, allow_pickle=False), path)
         T, L, E = tr.shape
         if T < 2:
             skipped.append(f"{name}: T={T}, nothing to hold out")
             continue
         interval, history = cadence(T)
         rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast, **kw)
-    sp = speed(g, args.repeats, args.forecast, max(1, args.repeats // 10), not args.fixed_slack)
+    sp = {} if args.no_speed else speed(g, args.repeats, args.forecast, max(1, args.repeats // 10),
+                                        not args.fixed_slack)  # fmt: skip
     if args.json:
         print(json.dumps({"replay": rows, "speed": sp, "skipped": skipped}, indent=2))
         return 0
     print(table(rows))
     for s in skipped:
         print("skipped:", s)
-    print("\nspeed, DeepSeek-V3 shape (58 layers), one core:")
-    for pol in POLICIES:
+    if sp:
+        print("\nspeed, DeepSeek-V3 shape (58 layers), one core:")
+    for pol in POLICIES if sp else ():
         x = sp[pol]
         print(f"  {pol:<10} {x['ms_median']:.2f} ms median (min {x['ms_min']:.2f}, CPU time median "
               f"{x['cpu_ms_median']:.2f}); per-layer Python loop {x['per_layer_loop_ms_median']:.1f} ms "
               f"-> {x['speedup']:.1f}x")  # fmt: skip
     by = {(r["trace"], r["policy"]): r for r in rows}
-    print("\nmoveaware vs greedy (steady remote moves ratio, beta difference):")
+    print(
+        "\nmoveaware vs greedy (steady remote moves ratio; beta difference: all / 1st / 2nd half of the "
+        "held-out windows):"
+    )
     for tname in dict.fromkeys(r["trace"] for r in rows):
         a, b = by[(tname, "moveaware")], by[(tname, "greedy")]
         ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
-        print(f"  {tname:<42} moves {ratio:6.1%}  beta {a['beta_mean'] - b['beta_mean']:+.3f}")
+        d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
+        print(
+            f"  {tname:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
+            f"first plan {a['plan_ms_max']:.0f} ms"
+        )
     return 0
 
 

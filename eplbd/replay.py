@@ -250,8 +250,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN,
                    help="the daemon's publish gate: skip a plan whose predicted β gain is below this "
                    "(default %(default)s, the daemon's)")  # fmt: skip
-    p.add_argument("--max-moves", type=int, default=0,
-                   help="the daemon's max_moves_per_plan: skip a plan changing more slots (0: no limit)")
+    p.add_argument(
+        "--max-moves",
+        type=int,
+        default=0,
+        help="the daemon's max_moves_per_plan: skip a plan changing more slots (0: no limit)",
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option min_gain=0.02")  # fmt: skip
     p.add_argument("--fixed-slack", action="store_true",

@@ -280,6 +280,27 @@ def test_moveaware_from_current_reaches_scratch_balance() -> None:
     assert count_moves(cur, loose, g).remote <= count_moves(cur, tight, g).remote
 
 
+def test_repair_not_held_back_by_slack_widened_tolerance() -> None:
+    # A poor forecast (large slack) widens the tolerance that guards the
+    # from-scratch candidate to 1 + 2 x (0.08 - 0.015) = 1.13; the repair moves
+    # few slots and is still taken where it gains more than repair_tolerance.
+    g = Geometry(4, 64, 16, 5, num_nodes=2)
+    w = drifting_trace(1, 4, 64, seed=9)[0].astype(float)
+    cur = rebalance(drifting_trace(1, 4, 64, seed=4)[0], None, g, "greedy")
+
+    def peak(x: np.ndarray) -> np.ndarray:
+        rl = rank_loads(w, x, g)
+        return rl.max(axis=1) / rl.mean(axis=1)
+
+    held = rebalance(w, cur, g, slack=0.08, repair_tolerance=1.0)
+    fresh = rebalance(w, cur, g, slack=0.08)
+    assert (peak(fresh) <= peak(held) + 1e-12).all()
+    assert peak(fresh).max() < 1.08 < peak(held)[1:].min()
+    mv = count_moves(cur, fresh, g).remote
+    assert mv < 0.5 * count_moves(cur, rebalance(w, None, g, "greedy"), g).remote
+    assert np.array_equal(fresh, rebalance(w, cur, g, slack=0.08))  # deterministic
+
+
 def test_suggest_slack_follows_predictability() -> None:
     from eplbd.policy import NO_ESTIMATE_SLACK, suggest_slack
 
@@ -339,3 +360,28 @@ def test_first_plan_replica_rounds_only_from_engine_default() -> None:
     on = rebalance(w, cur, g, first_replica_rounds=4)
     off = rebalance(w, cur, g, first_replica_rounds=0)
     assert np.array_equal(on, off)
+
+
+def test_scenario_search_lowers_mean_peak_exactly() -> None:
+    from eplbd.policy._common import holds_table, scenario_search
+
+    rng = np.random.default_rng(11)
+    for R, S, E, K in ((4, 3, 10, 5), (8, 5, 32, 3), (2, 4, 8, 2)):
+        g = Geometry(3, E, R, S)
+        x = rng.lognormal(0, 1, (3, K, E)) * rng.integers(0, 2, (3, K, E))
+        base = rebalance(x.sum(axis=1), None, g, "greedy")
+
+        def obj(p: np.ndarray, x: np.ndarray = x, g: Geometry = g) -> np.ndarray:
+            return sum(rank_loads(x[:, k], p, g).max(axis=1) for k in range(x.shape[1]))
+
+        pl = base.copy()
+        n = scenario_search(pl, x, E, S, 64, R, 0.0)
+        validate_phy2log(pl, g)
+        assert holds_table(pl, E, S).max() <= 1  # no duplicate created
+        assert np.array_equal(np.sort(pl, axis=1), np.sort(base, axis=1))  # same replicas
+        assert (obj(pl) <= obj(base) + 1e-9).all()
+        assert n == 0 or (obj(pl) < obj(base) - 1e-12).any()
+        again = base.copy()
+        scenario_search(again, x, E, S, 64, R, 0.0)
+        assert np.array_equal(pl, again)
+        assert scenario_search(base.copy(), x, E, S, 0, R) == 0

@@ -15,7 +15,8 @@ from eplbd.geometry import Geometry
 from eplbd.placement import balancedness, count_moves, default_phy2log, log2phy_compact, validate_phy2log
 from eplbd.policy import DEFAULT_POLICY, POLICIES, Proposal, gate, propose, rebalance, suggest_slack
 from eplbd.policy._common import lpt_pack, stable_argsort, take_rows
-from eplbd.policy.pipeline import DEFAULT_FORECAST, DEFAULT_FORECAST_ALPHA, DEFAULT_MIN_GAIN
+from eplbd.policy.moveaware import moveaware
+from eplbd.policy.pipeline import DEFAULT_FORECAST, DEFAULT_FORECAST_ALPHA, DEFAULT_MIN_GAIN, scenarios
 from eplbd.replay import replay
 from eplbd.synthetic import drifting_trace
 
@@ -39,7 +40,11 @@ def test_propose_is_forecast_then_rebalance() -> None:
     fc = forecast(win, DEFAULT_FORECAST, alpha=DEFAULT_FORECAST_ALPHA)
     assert np.array_equal(p.predicted, fc)
     assert p.options == {"slack": suggest_slack(win.astype(np.float64), cur, G)}  # adaptive by default
-    assert np.array_equal(p.phy2log, rebalance(fc, cur, G, **p.options))
+    # Layers on the engine default are placed from scratch, with the windows as load scenarios.
+    assert np.array_equal(p.phy2log, moveaware(fc, cur, G, scenarios=scenarios(win, fc), **p.options))
+    # Without such a layer the scenarios play no part: exactly rebalance.
+    q = propose(win, p.phy2log, G)
+    assert np.array_equal(q.phy2log, rebalance(fc, p.phy2log, G, **q.options))
     assert p.phy2log.dtype == np.int32 and validate_phy2log(p.phy2log, G) is not None
     assert p.beta_now == balancedness(fc, cur, G) and p.beta_pred == balancedness(fc, p.phy2log, G)
     assert p.gain == p.beta_pred - p.beta_now and p.policy == DEFAULT_POLICY
@@ -139,3 +144,35 @@ def test_proposal_is_frozen() -> None:
     assert isinstance(p, Proposal)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.beta_pred = 0.0  # type: ignore[misc]
+
+
+def test_scenarios_are_windows_on_the_forecast_scale() -> None:
+    win = windows(6, seed=2).astype(np.float64)
+    win[2, 1] = 0.0  # an idle (window, layer)
+    fc = forecast(win, "auto")
+    x = scenarios(win, fc)
+    assert x.shape == (G.num_layers, 6, G.num_experts)
+    np.testing.assert_allclose(x.sum(axis=2), np.broadcast_to(fc.sum(axis=1)[:, None], (G.num_layers, 6)))
+    np.testing.assert_allclose(x[0, 3] / x[0, 3].sum(), win[3, 0] / win[3, 0].sum())
+    assert np.array_equal(x[1, 2], fc[1])
+
+
+def test_first_plan_scenario_search_lowers_per_window_peaks() -> None:
+    from eplbd.placement import rank_loads
+
+    win = windows(8, seed=5).astype(np.float64)
+    cur = default_phy2log(G)
+    with_s = propose(win, cur, G)
+    without = propose(win, cur, G, options={"first_scenario_rounds": 0})
+    validate_phy2log(with_s.phy2log, G)
+    # same replica counts, lower mean over the windows of the per-window peak
+    counts = [np.sort(np.apply_along_axis(np.bincount, 1, p.phy2log, minlength=G.num_experts), axis=1)
+              for p in (with_s, without)]  # fmt: skip
+    assert np.array_equal(*counts)
+    x = scenarios(win, with_s.predicted)
+
+    def mean_peak(p: np.ndarray) -> float:
+        return float(np.mean([rank_loads(x[:, k], p, G).max(axis=1).sum() for k in range(x.shape[1])]))
+
+    assert mean_peak(with_s.phy2log) < mean_peak(without.phy2log)
+    assert np.array_equal(with_s.phy2log, propose(win.copy(), cur.copy(), G).phy2log)  # deterministic

@@ -575,3 +575,95 @@ def align_to(new: np.ndarray, old: np.ndarray, slots_per_rank: int) -> np.ndarra
     cur_vals = np.take_along_axis(out, slots, axis=2)
     np.put_along_axis(out, slots, np.where(k < nfree, vals, cur_vals), axis=2)
     return out.reshape(B, P).astype(np.int32)
+
+
+def scenario_search(
+    phy2log: np.ndarray,
+    x: np.ndarray,
+    num_experts: int,
+    slots_per_rank: int,
+    rounds: int,
+    partners: int = 4,
+    min_gain: float | np.ndarray = 0.0,
+) -> int:
+    """Lower the sum over scenarios of each row's peak rank load by slot swaps, in place; returns swaps.
+
+    ``x`` [B, K, E]: K load scenarios per row (e.g. recent windows). The
+    objective of a row is ``J = Σ_k max_r load_k[r]`` with each expert split
+    evenly over its replicas: the held-out peak is a per-window peak, and
+    experts that spike together should not share a rank, which a single
+    forecast cannot show. Each round, in every row: the rank contributing most
+    to J (the sum of the scenario peaks it carries) is paired with the
+    ``partners`` ranks of least total load, every swap of one of its slots
+    with one of theirs is evaluated exactly ([B, K, partners, S, S]), and the
+    best is applied if it lowers J by more than ``min_gain`` (absolute, scalar
+    or [B]). Replica counts never change; swaps creating a duplicate are
+    excluded. Stops early when no row improves.
+    """
+    S = slots_per_rank
+    B, P = phy2log.shape
+    R = P // S
+    K = x.shape[1]
+    if R < 2 or rounds <= 0 or B == 0 or K == 0:
+        return 0
+    m = max(1, min(partners, R - 1))
+    pl = phy2log.reshape(B, R, S)  # view: writes go to phy2log
+    _, counts = slot_shares(x[:, 0], phy2log, num_experts)
+    per = x / np.maximum(counts, 1)[:, None, :]  # [B, K, E] load of one replica
+    idx = phy2log.astype(np.int64)
+    v = np.take_along_axis(per, np.broadcast_to(idx[:, None, :], (B, K, P)), axis=2).reshape(B, K, R, S)
+    lk = v.sum(axis=3)  # [B, K, R]
+    gain_min = np.maximum(np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (B,)), 0.0)
+    ar_r = np.arange(R)
+    swaps = 0
+    live = np.ones(B, dtype=bool)
+    for _ in range(rounds):
+        rows = np.nonzero(live)[0]
+        if rows.size == 0:
+            break
+        n = rows.size
+        L = lk[rows]  # [n, K, R]
+        top = np.argsort(-L, axis=2, kind="stable")[:, :, : min(3, R)]  # [n, K, <=3]
+        topv = np.take_along_axis(L, top, axis=2)  # [n, K, <=3]
+        pk = topv[:, :, 0]  # [n, K]
+        J = pk.sum(axis=1)
+        contrib = ((top[:, :, :1] == ar_r) * pk[:, :, None]).sum(axis=1)  # [n, R]
+        hot = np.argmax(contrib, axis=1)  # [n]
+        tot = L.sum(axis=1)
+        tot[np.arange(n), hot] = np.inf
+        part = np.argsort(tot, axis=1, kind="stable")[:, :m]  # [n, m] lightest ranks
+        # Largest load in each scenario among the ranks other than hot and partner.
+        t4 = top[:, :, None, :]
+        excl = (t4 == hot[:, None, None, None]) | (t4 == part[:, None, :, None])
+        other = np.where(excl, -np.inf, topv[:, :, None, :]).max(axis=3)  # [n, K, m]
+        vr = v[rows]
+        va = vr[np.arange(n), :, hot]  # [n, K, S]
+        vb = np.take_along_axis(vr, part[:, None, :, None], axis=2)  # [n, K, m, S]
+        d = vb[:, :, :, None, :] - va[:, :, None, :, None]  # [n, K, m, Sa, Sb]: load onto hot
+        lh = np.take_along_axis(L, hot[:, None, None], axis=2)[:, :, :, None, None]  # [n, K, 1, 1, 1]
+        lp = np.take_along_axis(L, part[:, None, :], axis=2)[:, :, :, None, None]  # [n, K, m, 1, 1]
+        nj = np.maximum(np.maximum(lh + d, lp - d), other[:, :, :, None, None]).sum(axis=1)  # [n, m, Sa, Sb]
+        ea = pl[rows, hot]  # [n, S]
+        eb = pl[rows[:, None], part]  # [n, m, S]
+        same = ea[:, None, :, None] == eb[:, :, None, :]  # [n, m, Sa, Sb]
+        bad = same.any(axis=3)[:, :, :, None] | same.any(axis=2)[:, :, None, :]
+        flat = np.where(bad, np.inf, nj).reshape(n, m * S * S)
+        best = np.argmin(flat, axis=1)
+        gain = J - flat[np.arange(n), best]
+        ok = gain > gain_min[rows]
+        live[rows[~ok]] = False
+        c = np.nonzero(ok)[0]
+        if c.size == 0:
+            break
+        b = rows[c]
+        pi, ab = np.divmod(best[c], S * S)
+        ia, ib = np.divmod(ab, S)
+        rh, rp = hot[c], part[c, pi]
+        e1, e2 = pl[b, rh, ia].copy(), pl[b, rp, ib].copy()
+        pl[b, rh, ia], pl[b, rp, ib] = e2, e1
+        v1, v2 = v[b, :, rh, ia].copy(), v[b, :, rp, ib].copy()  # [c, K]
+        v[b, :, rh, ia], v[b, :, rp, ib] = v2, v1
+        lk[b, :, rh] += v2 - v1
+        lk[b, :, rp] += v1 - v2
+        swaps += c.size
+    return swaps

@@ -28,8 +28,22 @@ Starting from the placement in force, all layers at once:
    steady state: costly and rarely useful at DeepSeek-like shapes; a plan in
    which some layer is still on the engine default placement, the first plan,
    uses ``first_replica_rounds``, at no steady-state cost.)
-5. **Gain gate**: a layer whose predicted β gain is below ``min_gain`` keeps
+5. **Choice**, per layer: keep (no move), the repair of steps 1-4 (few
+   moves) or a from-scratch placement relabelled onto the current ranks
+   (many moves). From scratch only where neither other is within the
+   tolerance (``max(tolerance, slack_scale x (slack - 0.015))``, wider when
+   the forecast is poor) of the best candidate's peak; the repair also
+   wherever it lowers the peak in force by more than ``repair_tolerance``
+   (not widened: its few moves are worth a fresher forecast).
+6. **Gain gate**: a layer whose predicted β gain is below ``min_gain`` keeps
    its placement, so load noise alone moves (almost) nothing.
+7. **Scenario search** (layers placed from scratch in this plan, e.g. the
+   first plan, given load ``scenarios`` such as the recent windows): slot
+   swaps that lower the mean over scenarios of the per-window peak, up to
+   ``first_scenario_rounds`` rounds against ``scenario_partners`` light
+   ranks. The held-out peak is a per-window peak, and experts that spike
+   together should not share a rank, which the forecast alone cannot show;
+   these layers move (almost) every slot anyway, so it costs no extra move.
 
 With ``current=None`` every slot is free: min-max counts, LPT fill, swap and
 replica local search to convergence, then, where that stays > 0.5% above the
@@ -57,6 +71,7 @@ from eplbd.policy._common import (
     repair_duplicates,
     replica_search,
     replicate,
+    scenario_search,
     slot_shares,
     take_rows,
 )
@@ -76,8 +91,12 @@ DEFAULTS: dict[str, float | int] = {
     "slack": 0.06,  # ranks within (1 + slack) x mean rank load are not touched by local search
     "count_ratio": 1.25,  # a replica moves to a hotter expert only if its share beats the donor's x this
     "count_floor": 0.1,  # ... and exceeds this x mean rank load
+    "repair_tolerance": 0.04,  # repair (few moves) where it lowers the peak by more than this (no slack)
     "slack_scale": 2.0,  # tolerance is at least slack_scale x (slack - 0.015): forecast error bounds the gain
     "first_replica_rounds": 4,  # replica_rounds for a plan with a layer on the engine default placement
+    "first_scenario_rounds": 32,  # scenario-search rounds for layers placed from scratch (0: off)
+    "scenario_partners": 16,  # light ranks the hottest rank may swap with, per scenario round
+    "scenario_work": 5e6,  # at most this many swap evaluations (layers x scenarios x swaps) per plan
 }
 
 
@@ -236,12 +255,20 @@ def moveaware(
     count_ratio: float = float(DEFAULTS["count_ratio"]),
     count_floor: float = float(DEFAULTS["count_floor"]),
     slack_scale: float = float(DEFAULTS["slack_scale"]),
+    repair_tolerance: float = float(DEFAULTS["repair_tolerance"]),
     first_replica_rounds: int = int(DEFAULTS["first_replica_rounds"]),
+    first_scenario_rounds: int = int(DEFAULTS["first_scenario_rounds"]),
+    scenario_partners: int = int(DEFAULTS["scenario_partners"]),
+    scenario_work: float = float(DEFAULTS["scenario_work"]),
+    scenarios: np.ndarray | None = None,
 ) -> np.ndarray:
     """New placement [L, P] int32 for forecast loads [L, E] (float64) given ``current`` [L, P] or None.
 
     Inputs are validated by :func:`eplbd.policy.rebalance`; the number of layers
     is taken from ``loads`` so a per-layer loop can call this one layer at a time.
+    ``scenarios`` [L, K, E] (optional; :func:`eplbd.policy.pipeline.scenarios`
+    makes them from the recent windows): load scenarios for the scenario search
+    of the layers placed from scratch (step 7); None or K < 2: no search.
     """
     w = np.asarray(loads, dtype=np.float64)
     L, E = w.shape
@@ -256,6 +283,8 @@ def moveaware(
         new = new.astype(np.int32)
         _improve(new, w, E, S, scratch_rounds, R, 1e-9 * mean, max(scratch_rounds // 4, 1))
         _granular(new, w, g, scratch_rounds)
+        every, rr = np.ones(L, dtype=bool), first_scenario_rounds
+        _scenario_step(new, scenarios, mean, every, S, rr, scenario_partners, scenario_work)
         return new
 
     cur = np.asarray(current, dtype=np.int32)
@@ -265,6 +294,10 @@ def moveaware(
     fresh = (cur == (np.arange(P, dtype=np.int32) % E)[None, :]).all(axis=1)
     # Balancing much tighter than the forecast error (``slack``) buys little held-out balance.
     thr = np.where(fresh, 1.0, 1.0 + max(tolerance, slack_scale * (slack - 0.015), 0.0))
+    # The repair candidate moves few slots, so it need not wait for the
+    # slack-widened threshold that guards the costly from-scratch candidate:
+    # it is taken where it lowers the peak by more than `repair_tolerance`.
+    thr_r = np.minimum(thr, np.where(fresh, 1.0, 1.0 + max(repair_tolerance, 0.0)))
     # Pre-gate: a layer already within `tolerance` of the lower bound of its
     # peak (so of any candidate), or that could not gain min_gain even at that
     # bound, is left alone without any work.
@@ -272,18 +305,18 @@ def moveaware(
     pk_cur = sh_cur.reshape(L, R, S).sum(axis=2).max(axis=1)
     lb = np.maximum(mean, (w / counts).max(axis=1))
     gain_max = mean / _safe(lb) - mean / _safe(pk_cur)
-    rows = np.nonzero((pk_cur > lb * thr) & (gain_max >= max(min_gain, 1e-12)))[0]
+    rows = np.nonzero((pk_cur > lb * thr_r) & (gain_max >= max(min_gain, 1e-12)))[0]
     out = cur.copy()
     if rows.size == 0:
-        return out
-    wr, mr, lbr, curr, thr = w[rows], mean[rows], lb[rows], cur[rows], thr[rows]
+        return out  # nothing moves, so no layer is placed from scratch either (step 7)
+    wr, mr, lbr, curr, thr, thr_r = w[rows], mean[rows], lb[rows], cur[rows], thr[rows], thr_r[rows]
     # Candidate (b), incremental repair: min-max counts reached from the current
     # ones only by transfers that clearly pay off (hysteresis against noise),
     # keep what is wanted, fill deficits, local search above the target peak.
     c0 = c_cur[rows]
     tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P)
     inc = _incremental(wr, curr, c0, tgt, g, partners, node_penalty)
-    above = np.maximum((1 + slack) * mr, lbr * thr)
+    above = np.maximum((1 + slack) * mr, lbr * thr_r)
     # Layers still on the engine default placement (the first plan) move a lot
     # anyway: there replica re-assignment also runs (no cost in steady state).
     rr = max(replica_rounds, first_replica_rounds) if fresh[rows].any() else replica_rounds
@@ -303,11 +336,11 @@ def moveaware(
         pk_c[need] = rank_loads_of(wr[need], alt[need], E, S).max(axis=1)
         best = np.minimum(best, pk_c)
     # Per layer the candidate with the fewest moves (keep < repair < scratch)
-    # whose peak is within `tolerance` of the best candidate's.
+    # whose peak is within `tolerance` of the best candidate's; the repair also
+    # wherever it beats the placement in force by more than `repair_tolerance`.
     lim = best * thr
-    keep = pk_cur[rows] <= lim
-    use_inc = ~keep & (pk_inc <= lim)
-    use_c = ~keep & ~use_inc
+    use_c = (pk_cur[rows] > lim) & (pk_inc > lim)
+    use_inc = ~use_c & ((pk_cur[rows] > lim) | (pk_inc * thr_r < pk_cur[rows]))
     out[rows[use_inc]] = inc[use_inc]
     out[rows[use_c]] = alt[use_c]
     # Gain gate against the placement in force.
@@ -316,7 +349,36 @@ def moveaware(
         gain = mr / _safe(pk_new) - mr / _safe(pk_cur[rows])
         back = gain < min_gain
         out[rows[back]] = curr[back]
+    done = fresh & (out != cur).any(axis=1)  # layers placed from scratch in this plan
+    _scenario_step(out, scenarios, mean, done, S, first_scenario_rounds, scenario_partners, scenario_work)
     return out
+
+
+def _scenario_step(
+    out: np.ndarray, scenarios: np.ndarray | None, mean: np.ndarray, rows: np.ndarray, S: int, rounds: int,
+    partners: int, work: float,
+) -> None:  # fmt: skip
+    """Step 7, :func:`scenario_search` on the layers ``rows`` [L] bool of ``out`` [L, P], in place.
+
+    Only for layers placed from scratch in this plan, which move (almost)
+    every slot anyway: there a better packing for the observed per-window
+    loads costs no extra move. Any gain is taken (the objective is already an
+    average over the scenarios). Rounds are capped so that at most ``work``
+    swaps x scenarios x layers are evaluated (DeepSeek-V3 shape, 10 windows:
+    6 rounds, ~70 ms once; the real traces' shapes: all ``rounds``).
+    """
+    if scenarios is None or rounds <= 0 or not rows.any():
+        return
+    x = np.asarray(scenarios, dtype=np.float64)
+    if x.ndim != 3 or x.shape[0] != out.shape[0] or x.shape[1] < 2:
+        return
+    idx = np.nonzero(rows)[0]
+    K, R = x.shape[1], out.shape[1] // S
+    per_round = idx.size * K * max(1, min(partners, R - 1)) * S * S
+    rounds = min(rounds, max(1, int(work // per_round)))
+    sub = out[idx]
+    scenario_search(sub, x[idx], x.shape[2], S, rounds, partners, 1e-9 * K * mean[idx])
+    out[idx] = sub
 
 
 def _safe(x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,10 @@ Steps:
 2. For ``moveaware`` with ``adaptive`` (default) and no explicit ``slack``
    option: ``slack = suggest_slack(windows, current, g)`` (how far the
    forecast itself is from the load it predicts, measured on the history).
-3. ``phy2log = rebalance(predicted, current, g, policy, **options)``.
+3. ``phy2log = rebalance(predicted, current, g, policy, **options)``; for
+   ``moveaware``, when some layer is placed from scratch (no placement in
+   force, or a layer still on the engine default) and there are >= 2
+   windows, with ``scenarios(windows, predicted)`` for its scenario search.
 4. ``beta_now`` / ``beta_pred``: β of ``predicted`` under ``current`` / under
    ``phy2log`` (the daemon's gate compares these two).
 
@@ -43,6 +46,7 @@ __all__ = [
     "DEFAULT_FORECAST_ALPHA",
     "DEFAULT_MIN_GAIN",
     "DEFAULT_ADAPTIVE",
+    "scenarios",
 ]
 
 #: Forecast the pipeline uses unless told otherwise (config ``forecast``, replay ``--forecast``):
@@ -116,12 +120,55 @@ def propose(
     opts = dict(options or {})
     if adaptive and pol == "moveaware" and "slack" not in opts and cur is not None:
         opts["slack"] = suggest_slack(x, cur, g)
-    new = rebalance(predicted, cur, g, pol, **opts)
+    if pol == "moveaware" and x.shape[0] >= 2 and _places_from_scratch(cur, g):
+        new = _moveaware_scenarios(predicted, cur, g, scenarios(x, predicted), opts)
+    else:
+        new = rebalance(predicted, cur, g, pol, **opts)
     t2 = time.perf_counter()
     beta_now = math.nan if cur is None else balancedness(predicted, cur, g)
     beta_pred = balancedness(predicted, new, g)
     ms = ((t1 - t0) * 1e3, (t2 - t1) * 1e3)
     return Proposal(new, predicted, beta_now, beta_pred, pol, forecast, opts, *ms)
+
+
+def scenarios(windows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Load scenarios [L, W, E] for moveaware's scenario search: windows [W, L, E], forecast [L, E].
+
+    Scenario k is window k's shares of each layer's load, on the forecast's
+    scale (the layer's forecast total): every window weighs the same, and the
+    spread and co-movement of experts are the ones observed. An idle (window,
+    layer) becomes the forecast itself.
+    """
+    x = np.asarray(windows, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    tot = x.sum(axis=2, keepdims=True)  # [W, L, 1]
+    ft = p.sum(axis=1)[None, :, None]  # [1, L, 1]
+    s = np.divide(x, tot, out=np.zeros_like(x), where=tot > 0) * ft
+    s = np.where(tot > 0, s, p[None])
+    return np.ascontiguousarray(s.transpose(1, 0, 2))
+
+
+def _places_from_scratch(cur: np.ndarray | None, g: Geometry) -> bool:
+    """Whether moveaware places some layer from scratch: no placement in force, or a layer on the default."""
+    if cur is None:
+        return True
+    default = (np.arange(g.num_slots) % g.num_experts)[None, :]
+    return bool((cur == default).all(axis=1).any())
+
+
+def _moveaware_scenarios(
+    predicted: np.ndarray, cur: np.ndarray | None, g: Geometry, scen: np.ndarray, opts: dict[str, Any]
+) -> np.ndarray:
+    """:func:`eplbd.policy.rebalance` for moveaware, with load scenarios ``scen`` [L, K, E]."""
+    from eplbd.placement import validate_loads
+    from eplbd.policy import MOVEAWARE_DEFAULTS
+    from eplbd.policy.moveaware import moveaware
+
+    unknown = sorted(set(opts) - set(MOVEAWARE_DEFAULTS))
+    if unknown:
+        known = sorted(MOVEAWARE_DEFAULTS)
+        raise TypeError(f"policy 'moveaware': unknown option(s) {unknown}; known: {known}")
+    return moveaware(validate_loads(predicted, g), cur, g, scenarios=scen, **opts)
 
 
 def gate(proposal: Proposal, moves_total: int, min_gain: float = DEFAULT_MIN_GAIN, max_moves: int = 0) -> str:

@@ -174,8 +174,13 @@ def _op_limits(K: int, R: int, S: int, E: int) -> np.ndarray:
 
 
 def _plan_bounds_problem(
-    g: Geometry, K: int, phy2log: np.ndarray, log2phy: np.ndarray, rc: np.ndarray,
-    indptr: np.ndarray, ops: np.ndarray,
+    g: Geometry,
+    K: int,
+    phy2log: np.ndarray,
+    log2phy: np.ndarray,
+    rc: np.ndarray,
+    indptr: np.ndarray,
+    ops: np.ndarray,
 ) -> str | None:
     """First bound a plan's arrays break, or None. Vectorised (no per-element loops)."""
     E, P, R, S = g.num_experts, g.num_slots, g.num_ranks, g.slots_per_rank
@@ -284,8 +289,10 @@ class _PlanSlot:
         self._dst.append(pl[lo.slot_ops : lo.slot_ops + lo.ops_capacity * OP_DTYPE.itemsize].view(OP_DTYPE))
         # (padding view, zeros) after each of the four fixed parts
         starts = [sp[0] for sp in self._spec[1:]] + [lo.slot_ops]
-        self._pads = [(pl[sp[1] : nxt], np.zeros(nxt - sp[1], np.uint8))
-                      for sp, nxt in zip(self._spec, starts, strict=True)]
+        self._pads = [
+            (pl[sp[1] : nxt], np.zeros(nxt - sp[1], np.uint8))
+            for sp, nxt in zip(self._spec, starts, strict=True)
+        ]
         self._span = pl
 
     def write_parts(self, arrays: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -330,8 +337,16 @@ class Domain:
     layout: lay.Layout
     read_budget_s: float
 
-    def __init__(self, name: str, mm: mmap.mmap, layout: lay.Layout, writable: bool,
-                 owner_pid: int, owner_start: float, created_ns: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        mm: mmap.mmap,
+        layout: lay.Layout,
+        writable: bool,
+        owner_pid: int,
+        owner_start: float,
+        created_ns: int,
+    ) -> None:
         """Internal: use :meth:`create` or :meth:`attach`."""
         self.name = name
         self.geometry = layout.geometry
@@ -358,13 +373,15 @@ class Domain:
         self._plan_slots: list[SeqRegion] = []
         self._slots: list[_PlanSlot] = []
         for i, off in enumerate((lo.plan_slot0_off, lo.plan_slot1_off)):
-            r = SeqRegion(buf, off, lo.plan_slot_size - lay.REGION_HEADER_SIZE,
-                          f"domain {self.name!r} plan slot {i}")
+            r = SeqRegion(
+                buf, off, lo.plan_slot_size - lay.REGION_HEADER_SIZE, f"domain {self.name!r} plan slot {i}"
+            )
             self._plan_slots.append(r)
             self._slots.append(_PlanSlot(r, lo))
         self._plan_status = SeqRegion(buf, lo.plan_status_off, 0, f"domain {self.name!r} plan status")
-        self._daemon_info = SeqRegion(buf, lo.daemon_info_off, lay.DAEMON_INFO_SIZE,
-                                      f"domain {self.name!r} daemon info")
+        self._daemon_info = SeqRegion(
+            buf, lo.daemon_info_off, lay.DAEMON_INFO_SIZE, f"domain {self.name!r} daemon info"
+        )
         self._daemon_info_v = self._daemon_info.payload[: lay.DAEMON_INFO.size]
         self._rank_pids = SeqRegion(buf, lo.rank_pids_off, R * 8, f"domain {self.name!r} rank pids")
         self._rank_pids_v = self._rank_pids.payload.view("<i8")
@@ -388,8 +405,17 @@ class Domain:
     # ------------------------------------------------------------ create / attach
 
     @classmethod
-    def create(cls, name: str, geometry: Geometry, *, ring_capacity: int = 64, mode: int = 0o600,
-               group: int | str | None = None, phy2log: np.ndarray | None = None, epoch: int = 0) -> Domain:
+    def create(
+        cls,
+        name: str,
+        geometry: Geometry,
+        *,
+        ring_capacity: int = 64,
+        mode: int = 0o600,
+        group: int | str | None = None,
+        phy2log: np.ndarray | None = None,
+        epoch: int = 0,
+    ) -> Domain:
         """Create the segment (O_CREAT|O_EXCL) and its doorbell; the caller becomes the owner.
 
         A segment whose owner is dead (or a half-made one whose creator is dead)
@@ -419,8 +445,9 @@ class Domain:
             # Owner first, so a creator killed from here on leaves a segment that
             # says whose it was (and that it is incomplete: magic still zero).
             os.pwrite(shm.fd, lay.HEADER_PREFIX.pack(b"\0" * 8, 0, 0, pid, start, now), 0)
-            mm = mmap.mmap(shm.fd, layout.total_size, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(
+                shm.fd, layout.total_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
             shm.close_fd()
             dom = cls(name, mm, layout, True, pid, start, now)
             dom._init_regions(p2l, epoch)
@@ -451,8 +478,12 @@ class Domain:
 
     def _write_header(self) -> None:
         h = {
-            "magic": lay.MAGIC, "layout_version": lay.LAYOUT_VERSION, "header_size": lay.HEADER_SIZE,
-            "owner_pid": self.owner_pid, "owner_start": self.owner_start, "created_ns": self.created_ns,
+            "magic": lay.MAGIC,
+            "layout_version": lay.LAYOUT_VERSION,
+            "header_size": lay.HEADER_SIZE,
+            "owner_pid": self.owner_pid,
+            "owner_start": self.owner_start,
+            "created_ns": self.created_ns,
             "ring_capacity": self.ring_capacity,
         }
         h.update(self.geometry.to_dict())
@@ -516,14 +547,22 @@ class Domain:
                             f"{getattr(geometry, f)} expected"
                         )
             if writable:
-                mm = mmap.mmap(shm.fd, lo.total_size, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                mm = mmap.mmap(
+                    shm.fd, lo.total_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
             else:
                 mm = mmap.mmap(shm.fd, lo.total_size, access=mmap.ACCESS_READ)  # PROT_READ
         finally:
             shm.close_fd()
-        return cls(name, mm, lo, writable, int(h["owner_pid"]), float(h["owner_start"]),  # type: ignore[arg-type]
-                   int(h["created_ns"]))  # type: ignore[call-overload]
+        return cls(
+            name,
+            mm,
+            lo,
+            writable,
+            int(h["owner_pid"]),
+            float(h["owner_start"]),  # type: ignore[arg-type]
+            int(h["created_ns"]),
+        )  # type: ignore[call-overload]
 
     def close(self) -> None:
         """Unmap (idempotent). Arrays returned earlier are copies and stay valid."""
@@ -583,8 +622,9 @@ class Domain:
     def rank_pids(self) -> list[int]:
         self._check_open()
         R, v = self.geometry.num_ranks, self._rank_pids_v
-        _, (a,) = self._rank_pids.read(lambda f: [v[: int(f[0])]] if 0 <= f[0] <= R else None,
-                                       self.read_budget_s)
+        _, (a,) = self._rank_pids.read(
+            lambda f: [v[: int(f[0])]] if 0 <= f[0] <= R else None, self.read_budget_s
+        )
         return [int(x) for x in a]
 
     # ------------------------------------------------------------ ring
@@ -622,8 +662,9 @@ class Domain:
             raise TornReadError(f"domain {self.name!r}: {what} word fails its check: corrupt")
         return w
 
-    def write_window(self, window_id: int, loads: np.ndarray, *, epoch: int, step_begin: int,
-                     step_end: int) -> None:
+    def write_window(
+        self, window_id: int, loads: np.ndarray, *, epoch: int, step_begin: int, step_end: int
+    ) -> None:
         """Store window ``window_id`` (ids strictly increase) in ring slot ``window_id % capacity``.
 
         ``loads`` [L, E]: finite counts >= 0 (integer dtype, or float holding integers);
@@ -632,8 +673,13 @@ class Domain:
         self._check_writable("write_window")
         wid = _as_int(window_id, "window_id", 0, lay.ID_LIMIT - 1)
         arr = self._validate_loads(loads)
-        fields = [wid, _as_int(step_begin, "step_begin"), _as_int(step_end, "step_end"),
-                  _as_int(epoch, "epoch"), time.time_ns()]
+        fields = [
+            wid,
+            _as_int(step_begin, "step_begin"),
+            _as_int(step_end, "step_end"),
+            _as_int(epoch, "epoch"),
+            time.time_ns(),
+        ]
         latest = self._word(lay.WORD_LATEST_WINDOW, "latest window")[0]
         if wid <= latest:
             raise ValueError(f"window_id {wid} must be greater than the latest window id {latest}")
@@ -765,9 +811,7 @@ class Domain:
             p2l, l2p, rc, ptr, ops = slot.split(copies[0], int(f[4]))
             problem = _plan_bounds_problem(g, K, p2l, l2p, rc, ptr, ops)
             if problem:
-                raise LayoutError(
-                    f"domain {self.name!r} plan slot {current} (plan {plan_id}): {problem}"
-                )
+                raise LayoutError(f"domain {self.name!r} plan slot {current} (plan {plan_id}): {problem}")
             return Plan(int(f[0]), int(f[1]), p2l, l2p, rc, ptr, ops)
         raise TornReadError(f"domain {self.name!r}: plan area kept changing while being read")
 
@@ -797,8 +841,9 @@ class Domain:
         dec = dec.decode("utf-8", errors="ignore").encode("utf-8")
         ints = [_as_int(getattr(info, f), f"info.{f}") for f in _INFO_INTS]
         moves = [_as_int(getattr(info, f), f"info.{f}") for f in _INFO_MOVES]
-        raw = lay.DAEMON_INFO.pack(1, *ints, dec, float(info.beta_now), float(info.beta_pred), *moves,
-                                   float(info.compute_ms))
+        raw = lay.DAEMON_INFO.pack(
+            1, *ints, dec, float(info.beta_now), float(info.beta_pred), *moves, float(info.compute_ms)
+        )
         self._daemon_info.write([1], [(self._daemon_info_v, np.frombuffer(raw, dtype=np.uint8))])
 
     def read_daemon_info(self) -> DaemonInfo | None:
@@ -869,4 +914,3 @@ def _create_segment(name: str, size: int, mode: int) -> posix_ipc.SharedMemory:
             posix_ipc.unlink_shared_memory(seg)
         Doorbell.unlink(name)
     raise DomainExistsError(f"domain {name!r}: could not create the segment (it keeps reappearing)")
-

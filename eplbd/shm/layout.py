@@ -119,9 +119,7 @@ HEADER_FIELDS: tuple[str, ...] = (
     + OFFSET_FIELDS
 )
 # prefix, geometry, ring capacity, offsets; the header CRC32 follows at HEADER.size.
-HEADER = struct.Struct(
-    HEADER_PREFIX.format + "q" * len(GEOMETRY_FIELDS) + "q" + "q" * len(OFFSET_FIELDS)
-)
+HEADER = struct.Struct(HEADER_PREFIX.format + "q" * len(GEOMETRY_FIELDS) + "q" + "q" * len(OFFSET_FIELDS))
 HEADER_CRC = struct.Struct("<I")
 HEADER_CRC_OFF = HEADER.size
 assert HEADER.size + HEADER_CRC.size <= HEADER_SIZE

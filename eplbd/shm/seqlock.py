@@ -83,8 +83,9 @@ class SeqRegion:
         self._crc[0] = crc
         self._seq[0] = (odd + 1) & _MASK64
 
-    def read(self, parts_for: PartsFor | None = None, budget_s: float = DEFAULT_READ_BUDGET_S
-             ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def read(
+        self, parts_for: PartsFor | None = None, budget_s: float = DEFAULT_READ_BUDGET_S
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Consistent copy: (fields [6] int64, [copies of the views parts_for(fields) returns]).
 
         ``parts_for`` gets the copied fields and returns the payload views to copy
