@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from eplbd.geometry import Geometry
 from eplbd.shm import remove_prefix
@@ -121,7 +122,15 @@ def _timer_overhead_ns(n: int = 2000) -> float:
 
 
 def _overhead_rank(
-    rank: int, world: int, g: Geometry, name: str, steps: int, k: int, all_at_once: bool, sync_thread: bool
+    rank: int,
+    world: int,
+    g: Geometry,
+    name: str,
+    steps: int,
+    k: int,
+    all_at_once: bool,
+    sync_thread: bool,
+    lockstep: bool = True,
 ) -> dict[str, Any]:
     host = _NullHost(g)
     client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k, sync_thread=sync_thread))
@@ -134,8 +143,10 @@ def _overhead_rank(
     record_all = client.recorder.record_all
     pc = time.perf_counter_ns
     tt = time.thread_time_ns
+    tick = torch.zeros(1)
     wall = np.zeros(steps, dtype=np.int64)
     cpu = np.zeros(steps, dtype=np.int64)
+    step_cpu = np.zeros(steps, dtype=np.int64)  # step() alone: what the client adds to torch's adds
     sync = np.zeros(steps, dtype=bool)
     for i in range(steps):
         coll_cpu[0] = 0
@@ -145,20 +156,27 @@ def _overhead_rank(
         else:
             for layer in range(g.num_layers):
                 record(layer, counts[layer])
+        cm = tt()
         client.step()
         t1, c1 = pc(), tt()
+        step_cpu[i] = c1 - cm - coll_cpu[0]
         is_sync = (i + 1) % k == 0
         coll = client.stats.last_collective_ns if is_sync else 0
         wall[i] = t1 - t0 - coll
         cpu[i] = c1 - c0 - coll_cpu[0]
         sync[i] = is_sync
-        time.sleep(0.0002)  # stands in for the forward: lets the all-gather finish in between
+        # Stands in for the forward: its MoE all-to-alls keep the ranks in step (here one
+        # tiny all-reduce over the EP group), then some compute (a sleep).
+        if lockstep:
+            dist.all_reduce(tick, group=client.group)
+        time.sleep(0.0002)
     timer = _timer_overhead_ns()
     client.close()
     s = client.stats
     return {
         "wall": wall,
         "cpu": cpu,
+        "step_cpu": step_cpu,
         "sync": sync,
         "timer": timer,
         "sync_thread_cpu_per_sync_ns": s.sync_thread_cpu_ns / max(s.syncs, 1),
@@ -185,6 +203,7 @@ def bench_overhead(steps: int) -> dict[str, Any]:
             remove_prefix(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
         cpu = np.concatenate([r["cpu"][steps // 10 :] for r in res])
+        step_cpu = np.concatenate([r["step_cpu"][steps // 10 :] for r in res])
         sync = np.concatenate([r["sync"][steps // 10 :] for r in res])
         out[label] = {
             "steps_per_rank": steps,
@@ -193,6 +212,9 @@ def bench_overhead(steps: int) -> dict[str, Any]:
             "all_steps_cpu": _pct(cpu),
             "sync_steps_wall": _pct(wall[sync]),
             "sync_steps_cpu": _pct(cpu[sync]),
+            # step() alone, forward-thread CPU (the record calls are torch's own dispatch)
+            "step_only_all_steps_cpu": _pct(step_cpu),
+            "step_only_sync_steps_cpu": _pct(step_cpu[sync]),
             "mean_per_step_wall_us": float(wall.mean()) / 1e3,
             "timer_overhead_us": float(np.median([r["timer"] for r in res])) / 1e3,
             "sync_thread": threaded,
@@ -347,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"mean {v['mean_per_step_wall_us']:.1f} | cpu p50 {ac['p50_us']:.1f} p99 {ac['p99_us']:.1f} "
                 f"| sync steps wall p50 {s['p50_us']:.1f} p99 {s['p99_us']:.1f} "
                 f"cpu p50 {sc['p50_us']:.1f} p99 {sc['p99_us']:.1f} "
-                f"(timer {v['timer_overhead_us']:.1f})"
+                f"(timer {v['timer_overhead_us']:.1f}) | step() alone cpu all p50 "
+                f"{v['step_only_all_steps_cpu']['p50_us']:.1f} "
+                f"p99 {v['step_only_all_steps_cpu']['p99_us']:.1f}, "
+                f"sync p50 {v['step_only_sync_steps_cpu']['p50_us']:.1f} "
+                f"p99 {v['step_only_sync_steps_cpu']['p99_us']:.1f}"
                 + (
                     f" | sync thread cpu/sync {v['sync_thread_cpu_per_sync_us']:.1f}, "
                     f"waits {v['sync_thread_waits']}"
