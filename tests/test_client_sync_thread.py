@@ -52,10 +52,79 @@ def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: s
     errs = r["errors"]
     assert len(errs) == 2, errs
     (s1, msg1, cause1, _), (s2, msg2, cause2, dt2) = errs
-    assert "sync thread failed" in msg1 and "injected failure" in cause1 and "ValueError" in cause1
+    assert "sync thread failed at sync 2: ValueError: injected failure" in msg1
+    assert "injected failure" in cause1 and "ValueError" in cause1
     # The third sync (index 2) failed on the sync thread; the forward sees it at sync 3,
     # step 8 (K = 2, steps counted from 1), and again at the next sync.
     assert (s1, s2) == (7, 9)
     assert msg2 == msg1 and cause2 == cause1
     assert dt2 < 1.0
     assert r["close_s"] < 5.0
+
+
+class _Host:
+    """ExpertHost with tiny weights and no model: the client's collectives are the only ones."""
+
+    def __init__(self, g: Geometry) -> None:
+        import torch
+
+        self.g = g
+        self.w = [torch.zeros(g.slots_per_rank, 1) for _ in range(g.num_layers)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.g.num_layers
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cpu")
+
+    def expert_weights(self, layer: int) -> list[Any]:
+        return [self.w[layer]]
+
+    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
+        pass
+
+
+G4 = Geometry(2, 8, 4, 2)
+
+
+def _rank_killed(rank: int, world: int, domain: str) -> dict[str, Any]:
+    import os
+    import signal
+
+    import torch
+
+    client = EplbClient(_Host(G4), G4, domain, config=ClientConfig(sync_interval=2, gather_timeout_s=5.0))
+    counts = torch.ones(G4.num_layers, G4.slots_per_rank, dtype=torch.int64)
+    err, t_err, t_kill = "", 0.0, time.monotonic()
+    for step in range(4000):
+        if rank == 3 and step == 40:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == 40:
+            t_kill = time.monotonic()
+        client.recorder.record_all(counts)
+        try:
+            client.step()
+        except RuntimeError as e:
+            err = f"{e} <- {e.__cause__!r}"
+            t_err = time.monotonic() - t_kill
+            break
+        time.sleep(0.002)
+    t0 = time.monotonic()
+    client.close()
+    return {"err": err, "t_err": t_err, "close_s": time.monotonic() - t0, "steps": step}
+
+
+def test_a_killed_rank_fails_the_others_steps_promptly(shm_prefix: str) -> None:
+    """kill -9 of one rank: the survivors' sync threads see their all-gather fail, and each
+    survivor's next sync step raises RuntimeError naming it (not a silent hang of the
+    forward thread); close() returns."""
+    res = launch(_rank_killed, 4, shm_prefix + "job.m0", timeout=60, may_die=[3])
+    assert res[3] is None
+    for r in res[:3]:
+        assert "sync thread failed at sync" in r["err"] and "RuntimeError" in r["err"], r
+        assert r["t_err"] < 15.0, r
+        assert r["close_s"] < 15.0, r

@@ -691,6 +691,7 @@ class EplbClient:
         # The sync thread: takes (sync index, window meta, forward event) per sync.
         self._n = 0  # next sync index (forward thread)
         self._ctl_error: BaseException | None = None
+        self._ctl_error_sync = -1
         self._waits = 0
         # Held while the sync thread works on a sync (acquired by the forward thread at
         # the handoff, released by the sync thread): a lock as a binary semaphore, the
@@ -815,7 +816,11 @@ class EplbClient:
             waited = time.perf_counter_ns() - t0
         if self._ctl_error is not None:
             free.release()  # every later step raises the same error at once
-            raise RuntimeError(f"eplbd_client rank {self.rank}: the sync thread failed") from self._ctl_error
+            e = self._ctl_error
+            raise RuntimeError(
+                f"eplbd_client rank {self.rank}: the sync thread failed at sync {self._ctl_error_sync}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
         n = self._n
         # Inlined _window_meta and _switch: this is the forward thread's whole sync.
         step = self._step
@@ -875,7 +880,7 @@ class EplbClient:
             try:
                 self._process(*item)
             except BaseException as e:  # the forward thread raises it at its next sync
-                self._ctl_error = e
+                self._ctl_error, self._ctl_error_sync = e, item[0]
                 log.error("eplbd_client rank %d: sync %d failed: %s", self.rank, item[0], e)
             finally:
                 self._ws.sync_thread_cpu_ns += tt() - c0

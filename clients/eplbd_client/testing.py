@@ -262,8 +262,12 @@ def launch(
     timeout: float = 120.0,
     on_started: Callable[[], None] | None = None,
     backend: str = "gloo",
+    may_die: Sequence[int] = (),
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` forked processes with a ``backend`` group.
+
+    ``may_die``: ranks that are expected to die without reporting (fault tests kill
+    them): their result is None once their process has exited.
 
     ``on_started`` runs in a parent thread once every child is forked (start
     parent-side threads there, not before: fork copies locks held by threads).
@@ -292,14 +296,15 @@ def launch(
 
     deadline = _time.monotonic() + timeout
     try:
-        while len(results) + len(errors) < world:
+        while len(results) + len(errors) + sum(1 for r in may_die if procs[r].exitcode is not None) < world:
             left = deadline - _time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"launch: only {len(results)} of {world} ranks finished in {timeout} s")
             try:
                 rank, ok, out = q.get(timeout=min(left, 1.0))
             except _queue.Empty:
-                if errors or any(p.exitcode not in (None, 0) for p in procs):
+                died = any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in may_die)
+                if errors or died:
                     # A rank died without reporting (or another failed): give the rest a moment.
                     deadline = min(deadline, _time.monotonic() + 5)
                 continue
@@ -318,7 +323,7 @@ def launch(
         side.join(timeout=10)
     if errors:
         raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    return [results.get(r) for r in range(world)]
 
 
 def launch_with_driver(
