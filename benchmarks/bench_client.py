@@ -53,29 +53,7 @@ from eplbd.geometry import Geometry
 from eplbd.shm import remove_prefix
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
-from eplbd_client.testing import PlanDriver, TinyMoE, launch, launch_with_driver
-
-
-class _NullHost:
-    """ExpertHost with tiny weights: the overhead run never moves experts."""
-
-    def __init__(self, g: Geometry) -> None:
-        self.g = g
-        self.w = [torch.zeros(g.slots_per_rank, 1) for _ in range(g.num_layers)]
-
-    @property
-    def num_moe_layers(self) -> int:
-        return self.g.num_layers
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def expert_weights(self, layer: int) -> list[torch.Tensor]:
-        return [self.w[layer]]
-
-    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
-        pass
+from eplbd_client.testing import NullHost, PlanDriver, TinyMoE, launch, launch_with_driver
 
 
 class _TimedWork:
@@ -132,7 +110,7 @@ def _overhead_rank(
     sync_thread: bool,
     lockstep: bool = True,
 ) -> dict[str, Any]:
-    host = _NullHost(g)
+    host = NullHost(g)
     client = EplbClient(host, g, name, config=ClientConfig(sync_interval=k, sync_thread=sync_thread))
     # With a sync thread the forward thread makes no collective call: nothing to
     # subtract. Without, the collective calls' own time is taken out of the step.

@@ -9,7 +9,7 @@ import pytest
 
 from eplbd.geometry import Geometry
 from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import TinyMoE, launch
+from eplbd_client.testing import NullHost, TinyMoE, launch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,32 +62,6 @@ def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: s
     assert r["close_s"] < 5.0
 
 
-class _Host:
-    """ExpertHost with tiny weights and no model: the client's collectives are the only ones."""
-
-    def __init__(self, g: Geometry) -> None:
-        import torch
-
-        self.g = g
-        self.w = [torch.zeros(g.slots_per_rank, 1) for _ in range(g.num_layers)]
-
-    @property
-    def num_moe_layers(self) -> int:
-        return self.g.num_layers
-
-    @property
-    def device(self) -> Any:
-        import torch
-
-        return torch.device("cpu")
-
-    def expert_weights(self, layer: int) -> list[Any]:
-        return [self.w[layer]]
-
-    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
-        pass
-
-
 G4 = Geometry(2, 8, 4, 2)
 
 
@@ -97,7 +71,7 @@ def _rank_killed(rank: int, world: int, domain: str) -> dict[str, Any]:
 
     import torch
 
-    client = EplbClient(_Host(G4), G4, domain, config=ClientConfig(sync_interval=2, gather_timeout_s=5.0))
+    client = EplbClient(NullHost(G4), G4, domain, config=ClientConfig(sync_interval=2, gather_timeout_s=5.0))
     counts = torch.ones(G4.num_layers, G4.slots_per_rank, dtype=torch.int64)
     err, t_err, t_kill = "", 0.0, time.monotonic()
     for step in range(4000):

@@ -33,7 +33,30 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_padded, replica_count
 
-__all__ = ["PlanDriver", "TinyMoE", "free_port", "launch", "launch_with_driver"]
+__all__ = ["NullHost", "PlanDriver", "TinyMoE", "free_port", "launch", "launch_with_driver"]
+
+
+class NullHost:
+    """ExpertHost with one tiny weight tensor per layer and no model (benchmarks and fault
+    tests where the client's own work and collectives are all there is)."""
+
+    def __init__(self, g: Geometry) -> None:
+        self.g = g
+        self.w = [torch.zeros(g.slots_per_rank, 1) for _ in range(g.num_layers)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.g.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def expert_weights(self, layer: int) -> list[torch.Tensor]:
+        return [self.w[layer]]
+
+    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
+        pass
 
 
 class TinyMoE:
