@@ -30,8 +30,11 @@ def _fail_in_sync_thread(rank: int, world: int, domain: str) -> dict[str, Any]:
 
     client._poll = broken_poll  # type: ignore[method-assign]
     errors: list[tuple[int, str, str, float]] = []
+    status: dict[str, Any] = {}
     for step in range(40):
         model.forward(step, client.record)
+        if step == 5:
+            status = client.status()
         t0 = time.perf_counter()
         try:
             client.step()
@@ -41,7 +44,7 @@ def _fail_in_sync_thread(rank: int, world: int, domain: str) -> dict[str, Any]:
                 break
     t0 = time.perf_counter()
     client.close()
-    return {"errors": errors, "close_s": time.perf_counter() - t0, "waits": client.stats.sync_thread_waits}
+    return {"errors": errors, "close_s": time.perf_counter() - t0, "status": status}
 
 
 def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: str) -> None:
@@ -60,6 +63,9 @@ def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: s
     assert msg2 == msg1 and cause2 == cause1
     assert dt2 < 1.0
     assert r["close_s"] < 5.0
+    st = r["status"]  # after 2 syncs (steps 2 and 4), the sync thread has worked
+    assert st["sync_thread"] is True and st["sync"] == 2 and st["step"] == 5
+    assert st["sync_thread_cpu_us_per_sync"] > 0 and st["sync_thread_waits"] >= 0
 
 
 G4 = Geometry(2, 8, 4, 2)

@@ -749,8 +749,12 @@ class EplbClient:
             "diverging_since_sync": st.diverging_since,
             "last_error": C.error_name(s.last_error) if s.last_error else "",
             "last_error_plan": s.last_error_plan,
-            "windows_published": s.windows_published,
-            "publish_errors": s.publish_errors,
+            # Counters of the helper threads, read live (plain int reads).
+            "windows_published": self._ws.windows_published,
+            "publish_errors": self._ws.publish_errors,
+            "sync_thread": self._threaded,
+            "sync_thread_cpu_us_per_sync": self._ws.sync_thread_cpu_ns / max(s.syncs, 1) / 1e3,
+            "sync_thread_waits": self._waits,
         }
 
     def request_abort(self) -> None:
