@@ -44,7 +44,14 @@ def _fail_in_sync_thread(rank: int, world: int, domain: str) -> dict[str, Any]:
                 break
     t0 = time.perf_counter()
     client.close()
-    return {"errors": errors, "close_s": time.perf_counter() - t0, "status": status}
+    close_s = time.perf_counter() - t0
+    after = ""
+    try:
+        for _ in range(2):  # reaches a sync
+            client.step()
+    except RuntimeError as e:
+        after = str(e)
+    return {"errors": errors, "close_s": close_s, "status": status, "after_close": after}
 
 
 def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: str) -> None:
@@ -63,6 +70,7 @@ def test_sync_thread_error_raises_on_the_forward_thread_every_time(shm_prefix: s
     assert msg2 == msg1 and cause2 == cause1
     assert dt2 < 1.0
     assert r["close_s"] < 5.0
+    assert "step() after close()" in r["after_close"]
     st = r["status"]  # after 2 syncs (steps 2 and 4), the sync thread has worked
     assert st["sync_thread"] is True and st["sync"] == 2 and st["step"] == 5
     assert st["sync_thread_cpu_us_per_sync"] > 0 and st["sync_thread_waits"] >= 0

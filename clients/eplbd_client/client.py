@@ -767,6 +767,8 @@ class EplbClient:
         self._step += 1
         if self._step % self._K:
             return
+        if self._closed:
+            raise RuntimeError(f"eplbd_client rank {self.rank}: step() after close()")
         if self._threaded:
             self._handoff()
         else:
