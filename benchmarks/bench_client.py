@@ -166,7 +166,8 @@ def _pct(a: np.ndarray) -> dict[str, float]:
     return {"p50_us": float(np.percentile(a, 50)) / 1e3, "p99_us": float(np.percentile(a, 99)) / 1e3}
 
 
-def bench_overhead(steps: int) -> dict[str, Any]:
+def bench_overhead(steps: int, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Part 1. ``raw`` (optional) receives each case's per-step CPU arrays for the plot."""
     out: dict[str, Any] = {}
     for label, g, at_once, threaded in (
         ("L=4 S=6, record per layer", Geometry(4, 16, 4, 6), False, True),
@@ -183,6 +184,8 @@ def bench_overhead(steps: int) -> dict[str, Any]:
         cpu = np.concatenate([r["cpu"][steps // 10 :] for r in res])
         step_cpu = np.concatenate([r["step_cpu"][steps // 10 :] for r in res])
         sync = np.concatenate([r["sync"][steps // 10 :] for r in res])
+        if raw is not None:
+            raw[label] = {"cpu": cpu, "step_cpu": step_cpu, "sync": sync}
         out[label] = {
             "steps_per_rank": steps,
             "sync_interval": 16,
@@ -257,7 +260,7 @@ def _steptime_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any
 STEP_MODES = (("async", "async", True), ("async-inline", "async", False), ("stw", "stw", False))
 
 
-def bench_steptime(steps: int) -> dict[str, Any]:
+def bench_steptime(steps: int, raw: dict[str, Any] | None = None) -> dict[str, Any]:
     g = Geometry(4, 16, 4, 6)
     out: dict[str, Any] = {"expert_bytes": 2 * 256 * 512 * 4, "tokens": 256, "sync_interval": 4}
     for label, mode, threaded in STEP_MODES:
@@ -292,6 +295,8 @@ def bench_steptime(steps: int) -> dict[str, Any]:
         r0 = res[0]
         warm = 10
         dt, fl = r0["dt"][warm:], r0["inflight"][warm:]
+        if raw is not None:
+            raw[label] = {"dt": dt, "inflight": fl}
         out[label] = {
             "no_plan": {**_pct(dt[~fl]), "steps": int((~fl).sum())},
             "plan_in_flight": {**_pct(dt[fl]), "steps": int(fl.sum())} if fl.any() else None,
@@ -304,6 +309,50 @@ def bench_steptime(steps: int) -> dict[str, Any]:
     return out
 
 
+def plot(raw_ovh: dict[str, Any], raw_step: dict[str, Any], path: str, machine: dict[str, Any]) -> None:
+    """Left: CDF of the forward thread's CPU per step (record + step) for each overhead case,
+    sync steps dashed. Right: CDF of rank 0's step time per mode, plan in flight dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if raw_step else 1, figsize=(13 if raw_step else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    for i, (label, v) in enumerate(raw_ovh.items()):
+        color = f"C{i}"
+        for sel, style, what in ((slice(None), "-", "all steps"), (v["sync"], "--", "sync steps")):
+            x = np.sort(v["cpu"][sel]) / 1e3
+            ax.plot(x, np.arange(1, x.size + 1) / x.size, style, color=color, label=f"{label} ({what})")
+    ax.axvline(20, color="grey", lw=0.8)
+    ax.text(20, 0.02, " 20 µs target", color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("forward-thread CPU per step, record + step() (µs)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title("client cost on the forward thread (4 ranks, K=16)")
+    ax.legend(fontsize=6.5, loc="lower right")
+    if raw_step:
+        ax = axes[0][1]
+        for i, (label, v) in enumerate(raw_step.items()):
+            fl = v["inflight"]
+            for sel, style, what in ((~fl, "-", "no plan"), (fl, "--", "plan in flight")):
+                x = np.sort(v["dt"][sel]) / 1e6
+                if x.size:
+                    y = np.arange(1, x.size + 1) / x.size
+                    ax.plot(x, y, style, color=f"C{i}", label=f"{label}, {what}")
+        ax.set_xlabel("rank 0 step time (ms)")
+        ax.set_title("tiny EP MoE, 4 ranks: step time")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"bench_client.py — {machine['cpus']} CPUs, load {machine['loadavg_1m']:.1f}, "
+        f"torch {machine['torch']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _ms(us: float) -> str:
     return f"{us / 1e3:.2f}"
 
@@ -314,19 +363,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--json-out", metavar="PATH", help="also write the JSON report to PATH")
     ap.add_argument("--overhead-only", action="store_true", help="only part 1 (and the computed bytes)")
+    ap.add_argument("--steptime-only", action="store_true", help="only part 3 (and the computed bytes)")
+    ap.add_argument("--plot", metavar="PNG", help="draw the per-step distributions of parts 1 and 3 into PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     n_ovh, n_step = (800, 160) if args.quick else (4000, 400)
+    raw_ovh: dict[str, Any] = {}
+    raw_step: dict[str, Any] = {}
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__},
-        "overhead_record_plus_step": bench_overhead(n_ovh),
+        "overhead_record_plus_step": None if args.steptime_only else bench_overhead(n_ovh, raw_ovh),
         "bytes_per_sync": {
             "deepseek_v3 (L=58 E=256 R=32 S=9)": bytes_per_sync(Geometry.deepseek_v3()),
             "test model (L=4 E=16 R=4 S=6)": bytes_per_sync(Geometry(4, 16, 4, 6)),
         },
-        "step_time": None if args.overhead_only else bench_steptime(n_step),
+        "step_time": None if args.overhead_only else bench_steptime(n_step, raw_step),
     }
     report["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
+    if args.plot:
+        plot(raw_ovh, raw_step, args.plot, report["machine"])
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
@@ -339,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {m['torch']}"
         )
         print("forward-thread overhead of record (L calls) + step(), excluding the collective (µs):")
-        for label, v in report["overhead_record_plus_step"].items():
+        for label, v in (report["overhead_record_plus_step"] or {}).items():
             a, s = v["all_steps_wall"], v["sync_steps_wall"]
             ac, sc = v["all_steps_cpu"], v["sync_steps_cpu"]
             print(
