@@ -68,6 +68,8 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     want_aborts = spec.get("aborts", 0)
     maxdiff = 0.0
     steps = 0
+    # What the engine sees after each step: must be identical on every rank, step by step.
+    seen: list[tuple[int, ...]] = []
     t0 = time.perf_counter()
     for step in range(spec.get("max_steps", 2000)):
         y = model.forward(step, client.record)
@@ -76,6 +78,8 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         client.step()
         steps = step + 1
         s = client.stats  # replicated counters: every rank stops at the same step
+        ids = (client.epoch, client.active_plan)
+        seen.append((s.plans_started, s.plans_committed, s.plans_aborted, s.plans_rejected, *ids))
         if (
             s.plans_committed >= want_commits
             and s.plans_rejected >= want_rejects
@@ -96,6 +100,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         "tables_ok": model.tables_consistent(),
         "commits": model.commits,
         "gather_threads": sorted(gather_threads),
+        "seen": seen,
         "main_thread": threading.current_thread().name,
     }
     if client.is_leader:
@@ -137,6 +142,7 @@ def check_consistent(res: list[dict[str, Any]]) -> None:
         assert r["maxdiff"] < 1e-4, r["maxdiff"]
         for k in ("plans_started", "plans_committed", "plans_aborted", "plans_rejected", "layers_committed"):
             assert r["stats"][k] == res[0]["stats"][k], k
+        assert r["seen"] == res[0]["seen"]  # counters, epoch and active plan, after every step
     ep, p2l = res[0]["shm_placement"]
     assert ep == res[0]["epoch"] and np.array_equal(p2l, res[0]["phy2log"])
     assert res[0]["windows_checked"] > 0 and res[0]["windows_bad"] == [], res[0]["windows_bad"]
