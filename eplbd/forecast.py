@@ -179,10 +179,17 @@ def _auto(s: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     W = s.shape[0]
     m = np.broadcast_to(s[0], (alphas.size, *s.shape[1:])).copy()
     err = np.zeros((alphas.size, s.shape[1]))
+    # Same operations as err += ((s_t - m) ** 2).sum(-1); m = a s_t + (1 - a) m,
+    # into two reused [C, L, E] buffers (a [7, 58, 256] temporary is 0.8 MB).
+    d, tmp = np.empty_like(m), np.empty_like(m)
     for t in range(1, W):
-        err += ((s[t][None] - m) ** 2).sum(axis=2)
+        np.subtract(s[t][None], m, out=d)
+        np.square(d, out=d)
+        err += d.sum(axis=2)
         a = np.maximum(alphas, 1.0 / (t + 1))[:, None, None]
-        m = a * s[t][None] + (1.0 - a) * m
+        np.multiply(a, s[t][None], out=tmp)
+        np.multiply(1.0 - a, m, out=m)
+        np.add(tmp, m, out=m)
     best = np.argmin(err, axis=0)  # [L]
     return m[best, np.arange(s.shape[1])], best
 

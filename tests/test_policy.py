@@ -385,3 +385,246 @@ def test_scenario_search_lowers_mean_peak_exactly() -> None:
         scenario_search(again, x, E, S, 64, R, 0.0)
         assert np.array_equal(pl, again)
         assert scenario_search(base.copy(), x, E, S, 0, R) == 0
+
+
+# --- Fast paths: each must give bit for bit what the plain algorithm gives ---------------
+
+
+def _ref_replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
+    """The replica-count greedy step by step over every expert (the definition)."""
+    B, m = w.shape
+    ct = np.ones((B, m), dtype=np.int64)
+    for _ in range(num_slots - m):
+        idx = np.argmax(np.where(ct < cap, w / ct, -1.0), axis=1)
+        ct[np.arange(B), idx] += 1
+    return ct
+
+
+def _random_loads(rng: np.random.Generator, B: int, m: int, kind: int) -> np.ndarray:
+    if kind == 0:
+        return rng.lognormal(0, 1.5, (B, m))
+    if kind == 1:  # small integers: many exact ties between w_e / j and w_f / j'
+        return rng.integers(0, 4, (B, m)).astype(np.float64)
+    if kind == 2:
+        return np.zeros((B, m))
+    return rng.integers(0, 3, (B, m)) * np.array([1.0, 2.0, 3.0, 6.0, 12.0])[rng.integers(0, 5, (B, m))]
+
+
+def test_replicate_equals_stepwise_greedy() -> None:
+    from eplbd.policy._common import replicate, stable_argsort
+
+    rng = np.random.default_rng(3)
+    for it in range(600):
+        B, m, cap = int(rng.integers(1, 5)), int(rng.integers(1, 40)), int(rng.integers(2, 10))
+        extra = int(rng.integers(0, m * (cap - 1) + 1))
+        w = _random_loads(rng, B, m, it % 4)
+        ref = _ref_replicate(w, m + extra, cap)
+        assert np.array_equal(replicate(w, m + extra, cap), ref)
+        assert np.array_equal(replicate(w, m + extra, cap, order=stable_argsort(-w)), ref)
+    # DeepSeek-V3 shape, integer counts: the closed form serves most layers, the
+    # step-by-step greedy the few with equal shares at the cut, and together
+    # they give the greedy's counts.
+    from eplbd.policy._common import _top_increments, take_rows
+
+    w = drifting_trace(1, 58, 256, seed=1)[0].astype(np.float64)
+    ok = _top_increments(take_rows(w, stable_argsort(-w)[:, :32]), 32, 32)[2]
+    assert 50 <= ok.sum() < 58
+    assert np.array_equal(replicate(w, 288, 32), _ref_replicate(w, 288, 32))
+
+
+def _ref_adjust_counts(
+    w: np.ndarray, c0: np.ndarray, cap: int, ratio: float, floor: np.ndarray, max_iter: int
+) -> np.ndarray:
+    """adjust_counts as first written: columns by a stable sort of (donors first, then -w), a plain loop."""
+    from eplbd.policy._common import stable_argsort, take_rows
+
+    B, E = w.shape
+    k = min(E, 2 * int((c0 - 1).sum(axis=1).max(initial=0)) + 16)
+    cols = np.sort(stable_argsort(-np.where(c0 >= 2, np.inf, w / np.maximum(c0, 1)))[:, :k], axis=1)
+    ww, c = take_rows(w, cols), take_rows(c0, cols).astype(np.int64)
+    ar, live = np.arange(B), np.ones(B, dtype=bool)
+    for _ in range(max_iter):
+        recv = np.where(c < cap, ww / c, -np.inf)
+        donor = np.where(c >= 2, ww / np.maximum(c - 1, 1), np.inf)
+        e, d = np.argmax(recv, axis=1), np.argmin(donor, axis=1)
+        do = live & (recv[ar, e] > ratio * donor[ar, d]) & (recv[ar, e] > floor) & (e != d)
+        if not do.any():
+            break
+        c[ar[do], e[do]] += 1
+        c[ar[do], d[do]] -= 1
+        live = do
+    out = c0.astype(np.int64, copy=True)
+    np.put_along_axis(out, cols, c, axis=1)
+    return out
+
+
+def test_adjust_counts_equals_plain_loop() -> None:
+    from eplbd.policy._common import adjust_counts, replicate, stable_argsort
+
+    rng = np.random.default_rng(4)
+    for it in range(300):
+        B, E, cap = int(rng.integers(1, 6)), int(rng.integers(8, 80)), int(rng.integers(2, 9))
+        P = E + int(rng.integers(0, E * (cap - 1) // 3 + 1))
+        w_old, w = _random_loads(rng, B, E, it % 4), _random_loads(rng, B, E, (it + 1) % 4)
+        c0 = replicate(w_old, P, cap)  # counts fitted to other loads: transfers to make
+        ratio, floor = float(rng.choice([1.0, 1.25])), float(rng.choice([0.0, 0.1])) * w.sum(axis=1) / 8
+        ref = _ref_adjust_counts(w, c0, cap, ratio, floor, P)
+        assert np.array_equal(adjust_counts(w, c0, cap, ratio, floor, P), ref)
+        assert np.array_equal(adjust_counts(w, c0, cap, ratio, floor, P, order=stable_argsort(-w)), ref)
+
+
+def _ref_local_search(
+    phy2log: np.ndarray, w: np.ndarray, E: int, S: int, rounds: int, pairs: int, min_step: np.ndarray,
+    above: np.ndarray,
+) -> int:  # fmt: skip
+    """local_search as first written: duplicates by comparing every slot pair, d <= 0 masked."""
+    from eplbd.policy._common import slot_shares, take_rows
+
+    B, P = phy2log.shape
+    R = P // S
+    k = max(1, min(pairs, R // 2))
+    share, _ = slot_shares(w, phy2log, E)
+    pl, sh = phy2log.reshape(B, R, S), share.reshape(B, R, S)
+    rl = sh.sum(axis=2)
+    live, swaps = np.ones(B, dtype=bool), 0
+    for _ in range(rounds):
+        rows = np.nonzero(live)[0]
+        if rows.size == 0:
+            break
+        order = np.argsort(rl[rows], axis=1, kind="stable")
+        heavy, light = order[:, ::-1][:, :k], order[:, :k]
+        lh = take_rows(rl[rows], heavy)
+        pb, pk = np.nonzero(lh > above[rows, None])
+        if pb.size == 0:
+            break
+        pr, r1, r2 = rows[pb], heavy[pb, pk], light[pb, pk]
+        eh, xh, el, yl = pl[pr, r1], sh[pr, r1], pl[pr, r2], sh[pr, r2]
+        same = el[:, :, None] == eh[:, None, :]
+        d = xh[:, :, None] - yl[:, None, :]
+        val = np.maximum(rl[pr, r1][:, None, None] - d, rl[pr, r2][:, None, None] + d)
+        bad = same.any(axis=1)[:, :, None] | same.any(axis=2)[:, None, :] | (d <= 0)
+        flat = np.where(bad, np.inf, val).reshape(pb.size, S * S)
+        best = np.argmin(flat, axis=1)
+        good = flat[np.arange(pb.size), best] < lh[pb, pk] - min_step[pr]
+        if not good.any():
+            break
+        gr, r1, r2 = pr[good], r1[good], r2[good]
+        i, j = np.divmod(best[good], S)
+        e1, e2, s1, s2 = pl[gr, r1, i], pl[gr, r2, j], sh[gr, r1, i], sh[gr, r2, j]
+        pl[gr, r1, i], pl[gr, r2, j], sh[gr, r1, i], sh[gr, r2, j] = e2, e1, s2, s1
+        rl[gr, r1] += s2 - s1
+        rl[gr, r2] += s1 - s2
+        swaps += int(good.sum())
+        improved = np.zeros(B, dtype=bool)
+        improved[gr] = True
+        live &= improved
+    return swaps
+
+
+def test_local_search_equals_plain_version() -> None:
+    from eplbd.policy._common import local_search, slot_shares
+
+    rng = np.random.default_rng(5)
+    for it in range(120):
+        R, S = int(rng.integers(2, 12)), int(rng.integers(1, 6))
+        E = int(rng.integers(max(S, 2), R * S + 1))
+        g = Geometry(int(rng.integers(1, 5)), E, R, S)
+        w = _random_loads(rng, g.num_layers, E, it % 4) * 100
+        start = rebalance(_random_loads(rng, g.num_layers, E, 0), None, g, "greedy")
+        mean = w.sum(axis=1) / R
+        step = float(rng.choice([0.0, 0.002])) * mean
+        above = mean * float(rng.choice([0.0, 1.0, 1.05]))
+        pairs = int(rng.integers(1, 17))
+        a, b = start.copy(), start.copy()
+        na = local_search(a, w, E, S, 8, pairs, step, above=above)
+        nb = _ref_local_search(b, w, E, S, 8, pairs, step, above)
+        assert np.array_equal(a, b) and na == nb
+        c = start.copy()  # with the counts given (the caller's shortcut)
+        local_search(c, w, E, S, 8, pairs, step, above=above, counts=slot_shares(w, start, E)[1])
+        assert np.array_equal(a, c)
+
+
+def test_fill_shortcuts_equal_the_generic_fill() -> None:
+    from eplbd.policy._common import slot_shares
+    from eplbd.policy.moveaware import _fill
+
+    rng = np.random.default_rng(6)
+    stuck = 0
+    for it in range(60):
+        g = Geometry(3, 32, 8, 5, num_nodes=int(rng.choice([1, 2, 4])))
+        w = _random_loads(rng, 3, 32, it % 2) * 100
+        cur = rebalance(_random_loads(rng, 3, 32, 0), None, g, "greedy").astype(np.int64)
+        _, c0 = slot_shares(w, cur, 32)
+        tgt = rebalance(w, None, g)  # a placement for w: its counts are the target
+        _, counts = slot_shares(w, tgt, 32)
+        surplus, deficit = np.maximum(c0 - counts, 0), np.maximum(counts - c0, 0)
+        new = cur.copy()
+        for layer in range(3):  # free the surplus replicas, first slots first
+            for e in np.nonzero(surplus[layer])[0]:
+                new[layer, np.nonzero(cur[layer] == e)[0][: surplus[layer, e]]] = -1
+        dropped = np.nonzero(new < 0)
+        marks = np.nonzero(np.take_along_axis(deficit, cur, axis=1) > 0)
+        a, b = new.copy(), new.copy()
+        sa = _fill(a, w, counts, deficit, g, cur, 0.02, dropped, marks)
+        sb = _fill(b, w, counts, deficit, g, cur, 0.02)
+        assert np.array_equal(a, b) and np.array_equal(sa, sb)
+        # The duplicates it reports are exactly those the scan of repair_duplicates finds.
+        srt = np.sort(a.reshape(3, 8, 5), axis=2)
+        found = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+        found[:, 2] = srt[found[:, 0], found[:, 1], found[:, 2]]
+        assert np.array_equal(sa.reshape(-1, 3), found)
+        stuck += len(sa)
+    assert stuck > 0  # the stuck path was exercised
+
+
+def _ref_repair_duplicates(phy2log: np.ndarray, w: np.ndarray, E: int, S: int) -> None:
+    """repair_duplicates as first written: one duplicate at a time, in list order."""
+    from eplbd.policy._common import holds_table, slot_shares
+
+    B, P = phy2log.shape
+    R = P // S
+    srt = np.sort(phy2log.reshape(B, R, S), axis=2)
+    dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+    dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
+    rq = np.arange(P) // S
+    for b, r, e in dup.tolist():
+        row = phy2log[b]
+        slots_r = np.arange(r * S, (r + 1) * S)
+        here = row[slots_r] == e
+        if int(here.sum()) < 2:
+            continue
+        hb = holds_table(row[None, :], E, S)[0] > 0
+        share = slot_shares(w[b : b + 1], row[None, :], E)[0][0]
+        rl = share.reshape(R, S).sum(axis=1)
+        p = int(slots_r[here][-1])
+        ok = (rq != r) & ~hb[rq, e] & ~hb[r, row]
+        dq = share[p] - share
+        qbest = int(np.argmin(np.where(ok, np.maximum(rl[r] - dq, rl[rq] + dq), np.inf)))
+        row[p], row[qbest] = row[qbest], row[p]
+
+
+def test_repair_duplicates_equals_one_at_a_time() -> None:
+    from eplbd.policy._common import holds_table, repair_duplicates
+
+    rng = np.random.default_rng(9)
+    for it in range(150):
+        R, S = int(rng.integers(2, 9)), int(rng.integers(2, 6))
+        E = int(rng.integers(S + 1, R * S + 1))
+        B = int(rng.integers(1, 5))
+        w = _random_loads(rng, B, E, it % 4)
+        # Valid counts (every expert once, the rest anywhere), slots shuffled: many duplicates per row.
+        pl = np.stack(
+            [rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, R * S - E)])) for _ in range(B)]
+        )
+        if max(int(np.bincount(row, minlength=E).max()) for row in pl) > R:
+            continue  # an expert with more replicas than ranks: no valid placement
+        a, b, c = pl.copy(), pl.copy(), pl.copy()
+        repair_duplicates(a, w, E, S)
+        _ref_repair_duplicates(b, w, E, S)
+        assert np.array_equal(a, b)
+        assert holds_table(a, E, S).max() <= 1
+        srt = np.sort(pl.reshape(B, R, S), axis=2)  # the duplicates given, as a caller that knows them
+        dups = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+        dups[:, 2] = srt[dups[:, 0], dups[:, 1], dups[:, 2]]
+        repair_duplicates(c, w, E, S, dups)
+        assert np.array_equal(a, c)

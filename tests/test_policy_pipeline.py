@@ -176,3 +176,41 @@ def test_first_plan_scenario_search_lowers_per_window_peaks() -> None:
 
     assert mean_peak(with_s.phy2log) < mean_peak(without.phy2log)
     assert np.array_equal(with_s.phy2log, propose(win.copy(), cur.copy(), G).phy2log)  # deterministic
+
+
+def _slack_reference(win: np.ndarray, cur: np.ndarray, g: Geometry) -> float:
+    """suggest_slack's documented formula, written plainly with the public pieces."""
+    from eplbd.forecast import forecast
+    from eplbd.placement import rank_loads
+    from eplbd.policy import NO_ESTIMATE_SLACK
+
+    if win.shape[0] < 2:
+        return NO_ESTIMATE_SLACK
+    h = max(1, win.shape[0] // 2)
+    f = rank_loads(forecast(win[:-h], "ema"), cur, g)
+    a = rank_loads(win[-h:].sum(axis=0), cur, g)
+    fm, am = f.mean(axis=1, keepdims=True), a.mean(axis=1, keepdims=True)
+    live = (fm[:, 0] > 0) & (am[:, 0] > 0)
+    if not live.any():
+        return NO_ESTIMATE_SLACK
+    dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
+    return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))
+
+
+def test_pipeline_slack_equals_suggest_slack() -> None:
+    # The slack estimate (row gathers, one replica count) is the plain formula bit for bit.
+    from eplbd.policy.pipeline import _suggest_slack_validated
+
+    rng = np.random.default_rng(8)
+    for g in (G, Geometry(3, 64, 16, 5, num_nodes=2), Geometry(2, 8, 8, 2)):
+        L, E = g.num_layers, g.num_experts
+        for it in range(12):
+            W = int(rng.integers(1, 12))
+            win = drifting_trace(W, L, E, seed=it).astype(np.float64)
+            if it % 4 == 3:
+                win[:, 0] = 0.0  # an idle layer
+            if it % 6 == 5:
+                win[:] = 0.0
+            cur = rebalance(rng.lognormal(0, 1, (L, E)), None, g, "greedy")
+            want = _slack_reference(win, cur, g)
+            assert _suggest_slack_validated(win, cur, g) == want == suggest_slack(win, cur, g)

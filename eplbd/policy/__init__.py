@@ -105,22 +105,13 @@ def suggest_slack(windows: np.ndarray, current: np.ndarray, geometry: Geometry) 
     err 0.015-0.06, get 0.007-0.027). With fewer than 2 windows (or no load)
     there is no estimate: :data:`NO_ESTIMATE_SLACK` (0.02), leaning to balance.
     """
-    from eplbd.forecast import forecast
-    from eplbd.placement import rank_loads
+    from eplbd.policy.pipeline import _suggest_slack_validated
 
     win = np.asarray(windows, dtype=np.float64)
     if win.ndim != 3 or win.shape[0] < 2:
         return NO_ESTIMATE_SLACK
-    h = max(1, win.shape[0] // 2)
     cur = validate_phy2log(current, geometry, name="current")
-    f = rank_loads(forecast(win[:-h], "ema"), cur, geometry)
-    a = rank_loads(win[-h:].sum(axis=0), cur, geometry)
-    fm, am = f.mean(axis=1, keepdims=True), a.mean(axis=1, keepdims=True)
-    live = (fm[:, 0] > 0) & (am[:, 0] > 0)
-    if not live.any():
-        return NO_ESTIMATE_SLACK
-    dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
-    return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))
+    return _suggest_slack_validated(win, cur.astype(np.int32, copy=False), geometry)
 
 
 # The pipeline calls rebalance/suggest_slack; imported last so they exist when it loads.

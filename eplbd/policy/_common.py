@@ -64,13 +64,14 @@ def stable_argsort(x: np.ndarray) -> np.ndarray:
     return take_rows(order, np.argsort(key, axis=1, kind="stable"))
 
 
-def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
+def replicate(w: np.ndarray, num_slots: int, cap: int, order: np.ndarray | None = None) -> np.ndarray:
     """Replica counts [B, m] int64 that minimise the largest per-replica load.
 
     w: [B, m] loads; every expert gets one replica, then each of the
     ``num_slots - m`` extra slots goes to the expert with the largest
     per-replica load ``w / count`` (ties: lowest index), never above ``cap``
-    replicas. This greedy is optimal for min max_e w_e / c_e.
+    replicas. This greedy is optimal for min max_e w_e / c_e. ``order``
+    (optional) [B, m]: ``stable_argsort(-w)``, if the caller has it already.
     """
     B, m = w.shape
     extra = num_slots - m
@@ -80,23 +81,71 @@ def replicate(w: np.ndarray, num_slots: int, cap: int) -> np.ndarray:
     if extra == 0:
         return counts
     # Only experts whose load exceeds the final largest share get extra replicas,
-    # each at least one, so usually they are among the ``extra`` heaviest: iterate
+    # each at least one, so usually they are among the ``extra`` heaviest: work
     # on those columns, then check that every increment taken beat the heaviest
-    # expert left out (strictly, so ties resolve as the full loop would).
+    # expert left out (strictly, so ties resolve as the full greedy would).
+    srt = stable_argsort(-w) if order is None else order
+    n = min(m, extra)
+    top = srt[:, :n]
+    ct, low, ok = _top_increments(take_rows(w, top), extra, cap)
+    if n < m:
+        ok &= low > take_rows(w, srt[:, n : n + 1])[:, 0]
+    np.put_along_axis(counts, top, np.where(ok[:, None], ct, 1), axis=1)
+    rows = np.nonzero(~ok)[0]  # ties at the cut: the greedy step by step, on those rows only
+    if rows.size:
+        counts[rows] = _replicate_steps(w[rows], extra, cap, srt[rows])
+    return counts
+
+
+def _replicate_steps(w: np.ndarray, extra: int, cap: int, srt: np.ndarray) -> np.ndarray:
+    """:func:`replicate` by the step-by-step greedy: on the ``extra`` heaviest columns
+    (``srt``: the stable descending order) if that provably gives the same counts, else on all."""
+    B, m = w.shape
     if extra < m:
-        srt = stable_argsort(-w)
         top = np.sort(srt[:, :extra], axis=1)
-        ct, low = _increments(take_rows(w, top), extra, cap)
-        out_max = take_rows(w, srt[:, extra : extra + 1])[:, 0]
-        if (low > out_max).all():
+        ct, low = _increments_loop(take_rows(w, top), extra, cap)
+        if (low > take_rows(w, srt[:, extra : extra + 1])[:, 0]).all():
+            counts = np.ones((B, m), dtype=np.int64)
             np.put_along_axis(counts, top, ct, axis=1)
             return counts
-    ct, _ = _increments(w, extra, cap)
-    return ct
+    return _increments_loop(w, extra, cap)[0]
 
 
-def _increments(w: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counts after ``extra`` largest-share increments, and the smallest share incremented [B]."""
+def _top_increments(ws: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The greedy of :func:`replicate` at once, on loads ``ws`` [B, n] sorted heaviest first.
+
+    The greedy (``extra`` times: one more replica for the expert with the
+    largest ``w / count``) takes the ``extra`` largest of the candidate shares
+    ``w_i / j`` (j = 1 .. cap - 1; each expert's decrease in j): a merge of
+    sorted lists. Candidate (i, j) of the i-th heaviest expert with
+    ``(i + 1) (j - 1) >= extra`` is strictly below that many others
+    (``w_i' / j'`` with i' <= i, j' < j), so only j <= ceil(extra / (i + 1))
+    can be taken: ~extra x ln(extra) candidates, whose ``extra``-th largest
+    ``t`` is found by one sort. Any order of equal loads in ``ws`` will do.
+    Returns (counts [B, n] int64 in the order of ``ws``, t [B]: the smallest
+    share incremented, ok [B]): rows not ok would need the greedy's tie order
+    (candidates equal to ``t`` straddle the cut, or ``t`` = 0) and must be
+    redone step by step (:func:`_increments_loop`). Same divisions as it, so
+    the same counts bit for bit where ok.
+    """
+    B, n = ws.shape
+    J = np.minimum(cap - 1, -(-extra // np.arange(1, n + 1)))  # candidates per expert
+    tot = int(J.sum())
+    if cap < 2 or tot < extra:
+        return np.ones((B, n), dtype=np.int64), np.zeros(B), np.zeros(B, dtype=bool)
+    starts = np.cumsum(J) - J
+    ii = np.repeat(np.arange(n), J)
+    jj = (np.arange(tot) - starts[ii] + 1).astype(np.float64)
+    vals = ws[:, ii] / jj  # [B, tot]
+    t = np.sort(vals, axis=1)[:, tot - extra]
+    ge = vals >= t[:, None]
+    ok = (t > 0) & (ge.sum(axis=1) == extra)
+    ct = 1 + np.add.reduceat(ge, starts, axis=1, dtype=np.int64)
+    return ct, t, ok
+
+
+def _increments_loop(w: np.ndarray, extra: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts after ``extra`` largest-share increments, one at a time; the smallest share incremented [B]."""
     B = w.shape[0]
     ct = np.ones(w.shape, dtype=np.int64)
     ar = np.arange(B)
@@ -201,7 +250,9 @@ def holds_table(phy2log: np.ndarray, num_experts: int, slots_per_rank: int) -> n
     return np.bincount(key.ravel(), minlength=B * R * num_experts).reshape(B, R, num_experts).astype(np.int32)
 
 
-def repair_duplicates(phy2log: np.ndarray, w: np.ndarray, num_experts: int, slots_per_rank: int) -> None:
+def repair_duplicates(
+    phy2log: np.ndarray, w: np.ndarray, num_experts: int, slots_per_rank: int, dups: np.ndarray | None = None
+) -> None:
     """Fix, in place, every rank that holds two replicas of one expert.
 
     A duplicate of e on rank r is swapped with a slot of another rank r' that
@@ -209,42 +260,64 @@ def repair_duplicates(phy2log: np.ndarray, w: np.ndarray, num_experts: int, slot
     fewer distinct holders than replicas <= R, and r holds < S distinct
     experts). Among candidates the swap that keeps max(load r, load r') lowest
     wins (ties: lowest slot), so the fix costs as little balance as possible.
-    Duplicates are rare (only from packing dead-ends), hence the Python loop.
+    Duplicates are rare (only from packing dead-ends); the loop runs over the
+    most duplicates any one row has, all rows at once. ``dups`` (optional)
+    [n, 3] int: every duplicate as (row, rank, expert), one entry per replica
+    beyond the first, sorted (what the scan here would list), if the caller
+    knows them.
     """
     S = slots_per_rank
     B, P = phy2log.shape
     R = P // S
-    srt = np.sort(phy2log.reshape(B, R, S), axis=2)
-    dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
-    if dup.size == 0:
-        return
+    if dups is None:
+        srt = np.sort(phy2log.reshape(B, R, S), axis=2)
+        dup = np.argwhere(srt[:, :, 1:] == srt[:, :, :-1])
+        if dup.size == 0:
+            return
+        dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
+    else:
+        dup = np.asarray(dups, dtype=np.int64).reshape(-1, 3)
+        if dup.size == 0:
+            return
     # A swap never creates a duplicate (rank(q) lacks e, r lacks row[q]) but may
     # remove one (row[q] duplicated on rank(q)), so the duplicates left are a
     # subset of this first list: fixing its entries in order, skipping those gone,
     # is exactly "fix the first duplicate, re-sort, repeat" at one sort per call.
-    dup[:, 2] = srt[dup[:, 0], dup[:, 1], dup[:, 2]]
-    q = np.arange(P)
-    rq = q // S
-    for b, r, e in dup.tolist():
-        row = phy2log[b]
-        slots_r = np.arange(r * S, (r + 1) * S)
-        here = row[slots_r] == e
-        if int(here.sum()) < 2:
+    # Rows are independent, so wave k fixes the k-th listed duplicate of every
+    # row at once (a row's entries in list order, as one at a time would).
+    rq = np.arange(P) // S
+    first = np.ones(len(dup), dtype=bool)
+    first[1:] = dup[1:, 0] != dup[:-1, 0]
+    at = np.arange(len(dup))
+    wave = at - np.maximum.accumulate(np.where(first, at, 0))  # argwhere lists rows in order
+    for k in range(int(wave.max()) + 1):
+        b, r, e = dup[wave == k].T
+        slots_r = r[:, None] * S + np.arange(S)  # [n, S]
+        held = np.take_along_axis(phy2log[b], slots_r, axis=1)
+        here = held == e[:, None]
+        live = here.sum(axis=1) >= 2
+        if not live.any():
             continue
-        hb = holds_table(row[None, :], num_experts, S)[0] > 0
-        share, _ = slot_shares(w[b : b + 1], row[None, :], num_experts)
-        share = share[0]
-        rl = share.reshape(R, S).sum(axis=1)
-        p = int(slots_r[here][-1])
+        b, r, e, slots_r, held, here = b[live], r[live], e[live], slots_r[live], held[live], here[live]
+        n = b.size
+        ar = np.arange(n)
+        rows = phy2log[b]  # [n, P] copies
+        share, _ = slot_shares(w[b], rows, num_experts)
+        rl = share.reshape(n, R, S).sum(axis=2)
+        p = slots_r[ar, S - 1 - np.argmax(here[:, ::-1], axis=1)]  # the last replica of e on r
         # Candidate slots q on other ranks: their rank lacks e, and r lacks their expert.
-        ok = (rq != r) & ~hb[rq, e] & ~hb[r, row]
-        dq = share[p] - share  # load moved from r to rank(q) when swapping p <-> q
-        cost = np.maximum(rl[r] - dq, rl[rq] + dq)
+        rank_has_e = (rows.reshape(n, R, S) == e[:, None, None]).any(axis=2)  # [n, R]
+        r_has = (rows[:, :, None] == held[:, None, :]).any(axis=2)  # [n, P]: rank r holds row[q]
+        ok = (rq[None, :] != r[:, None]) & ~rank_has_e[:, rq] & ~r_has
+        dq = share[ar, p][:, None] - share  # load moved from r to rank(q) when swapping p <-> q
+        cost = np.maximum(rl[ar, r][:, None] - dq, rl[:, rq] + dq)
         cost = np.where(ok, cost, np.inf)
-        qbest = int(np.argmin(cost))
-        if not np.isfinite(cost[qbest]):  # pragma: no cover - impossible by the argument above
-            raise RuntimeError(f"repair_duplicates: no swap for expert {e} on rank {r} (row {b})")
-        row[p], row[qbest] = row[qbest], row[p]
+        qbest = np.argmin(cost, axis=1)
+        if not np.isfinite(cost[ar, qbest]).all():  # pragma: no cover - impossible by the argument above
+            i = int(np.argmin(np.isfinite(cost[ar, qbest])))
+            raise RuntimeError(f"repair_duplicates: no swap for expert {e[i]} on rank {r[i]} (row {b[i]})")
+        vp, vq = phy2log[b, p], phy2log[b, qbest]
+        phy2log[b, p], phy2log[b, qbest] = vq, vp
 
 
 def local_search(
@@ -257,6 +330,7 @@ def local_search(
     min_step: float | np.ndarray = 0.0,
     active: np.ndarray | None = None,
     above: float | np.ndarray = -np.inf,
+    counts: np.ndarray | None = None,
 ) -> int:
     """Balance ranks pairwise by swapping slot contents, in place; returns swaps made.
 
@@ -269,8 +343,11 @@ def local_search(
     (absolute, scalar or [B]). Only heavy ranks above ``above`` (scalar or [B],
     e.g. the peak allowed) are treated, so balanced ranks are not churned.
     Replica counts never change, so shares stay fixed; swaps that would put two
-    replicas of an expert on one rank are excluded. ``active`` [B] bool limits
-    the search to some rows. Stops early when no row improves.
+    replicas of an expert on one rank are excluded (``phy2log`` must have no
+    such duplicate to begin with: :func:`repair_duplicates` first).
+    ``active`` [B] bool limits the search to some rows. Stops early when no
+    row improves. ``counts`` [B, E] (optional): the replica counts of
+    ``phy2log``, if the caller knows them.
     """
     S = slots_per_rank
     B, P = phy2log.shape
@@ -278,19 +355,28 @@ def local_search(
     if R < 2 or rounds <= 0:
         return 0
     k = max(1, min(pairs, R // 2))
-    share, _ = slot_shares(w, phy2log, num_experts)
-    pl = phy2log.reshape(B, R, S)  # view: writes go to phy2log
-    sh = share.reshape(B, R, S)
-    rl = sh.sum(axis=2)
+    if counts is None:
+        share, _ = slot_shares(w, phy2log, num_experts)
+    else:
+        share = take_rows(w / np.maximum(counts, 1), phy2log.astype(np.int64))
+    pl = phy2log.reshape(B * R, S)  # view (row-major: rank b * R + r): writes go to phy2log
+    sh = share.reshape(B * R, S)
+    rl = sh.sum(axis=1)  # [B * R]
+    # holds[q * E + e]: flat rank q holds expert e (a lookup per slot instead of
+    # comparing every slot of one rank with every slot of the other).
+    E = num_experts
+    holds = np.zeros(B * R * E, dtype=bool)
+    holds[(np.arange(B * R)[:, None] * E + pl).reshape(-1)] = True
     live = np.ones(B, dtype=bool) if active is None else active.astype(bool).copy()
     step = np.broadcast_to(np.asarray(min_step, dtype=np.float64), (B,))
+    neg_step = bool((step < 0).any())
     floor = np.broadcast_to(np.asarray(above, dtype=np.float64), (B,))
     swaps = 0
     for _ in range(rounds):
         if not live.any():
             break
         rows = np.nonzero(live)[0]
-        rlr = rl[rows]
+        rlr = rl.reshape(B, R)[rows]
         order = np.argsort(rlr, axis=1, kind="stable")
         heavy = order[:, ::-1][:, :k]  # [b, k] most loaded first
         light = order[:, :k]  # [b, k] least loaded first
@@ -300,35 +386,45 @@ def local_search(
         pb, pk = np.nonzero(lh > floor[rows, None])
         if pb.size == 0:
             break
+        n = pb.size
         pr = rows[pb]
-        r1, r2 = heavy[pb, pk], light[pb, pk]
+        q1, q2 = pr * R + heavy[pb, pk], pr * R + light[pb, pk]  # flat rank ids
         lhp = lh[pb, pk]
-        eh, xh = pl[pr, r1], sh[pr, r1]  # [n, S_i]
-        el, yl = pl[pr, r2], sh[pr, r2]  # [n, S_j]
-        same = el[:, :, None] == eh[:, None, :]  # [n, S_j, S_i]
-        c1 = same.any(axis=1)  # light rank already holds e_i
-        c2 = same.any(axis=2)  # heavy rank already holds e_j
+        eh, xh = pl[q1], sh[q1]  # [n, S_i]
+        el, yl = pl[q2], sh[q2]  # [n, S_j]
+        # A swap that would put two replicas of an expert on one rank (the light
+        # rank holds e_i, or the heavy e_j) is out: those shares read as -inf /
+        # +inf, so d = -inf and the new peak +inf. A swap that moves no load off
+        # the heavy rank (d <= 0) leaves it at >= its load, never a step down, so
+        # it needs no mask while ``step`` >= 0: it can neither be applied nor
+        # beat a swap that is.
+        xh = np.where(holds[q2[:, None] * E + eh], -np.inf, xh)
+        yl = np.where(holds[q1[:, None] * E + el], np.inf, yl)
         d = xh[:, :, None] - yl[:, None, :]  # [n, S_i, S_j] load leaving the heavy rank
-        ah, al = rl[pr, r1][:, None, None] - d, rl[pr, r2][:, None, None] + d
-        val = np.maximum(ah, al)
-        bad = c1[:, :, None] | c2[:, None, :] | (d <= 0)
-        flat = np.where(bad, np.inf, val).reshape(pb.size, S * S)
+        val = rl[q1][:, None, None] - d
+        np.maximum(val, rl[q2][:, None, None] + d, out=val)
+        if neg_step:
+            np.putmask(val, d <= 0, np.inf)
+        flat = val.reshape(n, S * S)
         best = np.argmin(flat, axis=1)
-        bval = flat[np.arange(pb.size), best]
-        good = (bval < lhp - step[pr]) & (r1 != r2)
+        bval = flat[np.arange(n), best]
+        good = (bval < lhp - step[pr]) & (q1 != q2)
         if not good.any():
             break
-        gr, r1, r2 = pr[good], r1[good], r2[good]
-        i, j = np.divmod(best[good], S)
-        e1, e2 = pl[gr, r1, i].copy(), pl[gr, r2, j].copy()
-        s1, s2 = sh[gr, r1, i].copy(), sh[gr, r2, j].copy()
-        pl[gr, r1, i], pl[gr, r2, j] = e2, e1
-        sh[gr, r1, i], sh[gr, r2, j] = s2, s1
-        rl[gr, r1] += s2 - s1
-        rl[gr, r2] += s1 - s2
+        q1, q2, i, j = q1[good], q2[good], *np.divmod(best[good], S)
+        e1, e2 = pl[q1, i], pl[q2, j]
+        s1, s2 = sh[q1, i], sh[q2, j]
+        pl[q1, i], pl[q2, j] = e2, e1
+        sh[q1, i], sh[q2, j] = s2, s1
+        holds[q1 * E + e1] = False
+        holds[q2 * E + e2] = False
+        holds[q1 * E + e2] = True
+        holds[q2 * E + e1] = True
+        rl[q1] += s2 - s1
+        rl[q2] += s1 - s2
         swaps += int(good.sum())
         improved = np.zeros(B, dtype=bool)
-        improved[gr] = True
+        improved[pr[good]] = True
         live &= improved
     return swaps
 
@@ -491,7 +587,13 @@ def bfd_place(
 
 
 def adjust_counts(
-    w: np.ndarray, c0: np.ndarray, cap: int, ratio: float, floor: np.ndarray, max_iter: int
+    w: np.ndarray,
+    c0: np.ndarray,
+    cap: int,
+    ratio: float,
+    floor: np.ndarray,
+    max_iter: int,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Replica counts [B, E] int64 reached from ``c0`` by worthwhile single-replica transfers.
 
@@ -503,6 +605,7 @@ def adjust_counts(
     the min-max counts of :func:`replicate`; ratio > 1 adds hysteresis, so
     counts of experts whose shares are close, or too small to matter for the
     peak, do not flip with load noise (every flip is a weight transfer).
+    ``order`` (optional) [B, E]: ``stable_argsort(-w)``, if the caller has it.
     """
     B, E = w.shape
     cols = None
@@ -510,27 +613,54 @@ def adjust_counts(
     # take part; working on those columns keeps the loop cheap at E = 256.
     k = min(E, 2 * int((c0 - 1).sum(axis=1).max(initial=0)) + 16)
     if k < E:
-        prio = np.where(c0 >= 2, np.inf, w / np.maximum(c0, 1))
-        cols = np.sort(stable_argsort(-prio)[:, :k], axis=1)
+        # Every donor, then the heaviest other experts (stable order of -w)
+        # until each row has k columns, in column order. The k heaviest hold
+        # enough of those others (at least k - donors).
+        srt = (stable_argsort(-w) if order is None else order)[:, :k]
+        is_donor = c0 >= 2
+        other = ~take_rows(is_donor, srt)  # [B, k] in the order of srt
+        quota = k - is_donor.sum(axis=1, keepdims=True)
+        sel = other & (np.cumsum(other, axis=1) <= quota)
+        pick = is_donor.copy()
+        pick[np.nonzero(sel)[0], srt[sel]] = True
+        cols = np.nonzero(pick)[1].reshape(B, k)
         w = take_rows(w, cols)
         c = take_rows(c0, cols).astype(np.int64)
     else:
         c = c0.astype(np.int64, copy=True)
-    ar = np.arange(B)
-    live = np.ones(B, dtype=bool)
+    # recv / donor shares are kept up to date entry by entry (two per row and
+    # step), and rows that stop are dropped from the working arrays: they never
+    # resume (a row with no worthwhile transfer has none after other rows move).
+    K = c.shape[1]
+    cflat = c.reshape(-1)
+    idx = np.arange(0, B * K, K)  # working row -> offset of its row in cflat
+    wk = w
+    fl = np.broadcast_to(np.asarray(floor, dtype=np.float64), (B,))
+    recv = np.where(c < cap, w / c, -np.inf)
+    donor = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
+    base = np.arange(0, B * K, K)  # working row -> offset of its row in recv / donor / wk
     for _ in range(max_iter):
-        recv = np.where(c < cap, w / c, -np.inf)
-        donor = np.where(c >= 2, w / np.maximum(c - 1, 1), np.inf)
-        e = np.argmax(recv, axis=1)
-        d = np.argmin(donor, axis=1)
-        rs, ds = recv[ar, e], donor[ar, d]
-        do = live & (rs > ratio * ds) & (rs > floor) & (e != d)
-        if not do.any():
-            break
-        rows = ar[do]
-        c[rows, e[do]] += 1
-        c[rows, d[do]] -= 1
-        live = do
+        e = recv.argmax(axis=1)
+        d = donor.argmin(axis=1)
+        rf, df = recv.reshape(-1), donor.reshape(-1)
+        rs, ds = rf[base + e], df[base + d]
+        do = (rs > ratio * ds) & (rs > fl) & (e != d)
+        if not do.all():
+            if not do.any():
+                break
+            keep = np.nonzero(do)[0]
+            idx, wk, fl, e, d = idx[keep], wk[keep], fl[keep], e[keep], d[keep]
+            recv, donor = recv[keep], donor[keep]
+            rf, df = recv.reshape(-1), donor.reshape(-1)
+            base = np.arange(0, keep.size * K, K)
+        cflat[idx + e] += 1
+        cflat[idx + d] -= 1
+        ed = np.concatenate((e, d))
+        f = np.concatenate((base, base)) + ed
+        cc = cflat[np.concatenate((idx, idx)) + ed]
+        wc = wk.reshape(-1)[f]
+        rf[f] = np.where(cc < cap, wc / cc, -np.inf)
+        df[f] = np.where(cc >= 2, wc / np.maximum(cc - 1, 1), np.inf)
     if cols is None:
         return c
     out = c0.astype(np.int64, copy=True)

@@ -66,13 +66,13 @@ from eplbd.policy._common import (
     align_to,
     bfd_place,
     local_search,
-    node_holds,
     rank_loads_of,
     repair_duplicates,
     replica_search,
     replicate,
     scenario_search,
     slot_shares,
+    stable_argsort,
     take_rows,
 )
 
@@ -106,69 +106,121 @@ def _fill(
     counts: np.ndarray,
     deficit: np.ndarray,
     g: Geometry,
-    src_on_node: np.ndarray | None,
-    node_penalty: float,
-) -> bool:
-    """Place ``deficit`` [L, E] new replicas into the free (-1) slots of ``new`` [L, P], in place.
+    src: np.ndarray | None = None,
+    node_penalty: float = 0.0,
+    dropped: tuple[np.ndarray, np.ndarray] | None = None,
+    marks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Place ``deficit`` [L, E] new replicas into the free (-1) slots of ``new`` [L, P] int64, in place.
 
-    ``src_on_node`` [L, N, E] bool: which nodes hold a source copy of each expert
-    (None: no preference). Returns whether some replica had to go on a rank that
-    already holds its expert (then the caller must run :func:`repair_duplicates`;
-    otherwise ``new`` has no duplicate that it did not have before).
+    ``src`` [L, P] int64 (or None: no preference): the placement the weights
+    come from; a rank on a node that holds no replica of the expert in ``src``
+    scores ``node_penalty`` x mean rank load heavier. ``dropped`` (optional,
+    with ``src``): (layers, slots) of the free slots of ``new``, which equals
+    ``src`` elsewhere, and ``marks`` (optional, with ``src``): (layers, slots)
+    of every slot of ``src`` whose expert has a deficit (both save passes over
+    all slots). Returns the replicas that had to go on a rank already holding
+    their expert, [n, 3] (layer, rank, expert) sorted, the duplicates
+    :func:`repair_duplicates` must fix (none: ``new`` has no duplicate that it
+    did not have before).
     """
     L, E = w.shape
     R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
+    P = R * S
     share = w / np.maximum(counts, 1)
     nitems = deficit.sum(axis=1)
     fmax = int(nitems.max(initial=0))
+    stuck_at: list[np.ndarray] = []
     if fmax == 0:
-        return False
-    # Items of every layer, heaviest share first (ties: lower expert id), padded with -1.
+        return np.zeros((0, 3), dtype=np.int64)
+    # Items of every layer, heaviest share first (ties: lower expert id), padded
+    # with -1. The items of one (layer, expert) are adjacent (equal keys).
     idx = np.repeat(np.arange(L * E), deficit.ravel())
     lay, ex = np.divmod(idx, E)
     order = np.lexsort((ex, -share.ravel()[idx], lay))
-    lay, ex = lay[order], ex[order]
+    idx, lay, ex = idx[order], lay[order], ex[order]
     start = np.cumsum(nitems) - nitems
     col = np.arange(lay.size) - start[lay]
-    items = np.full((L, fmax), -1, dtype=np.int64)
-    items[lay, col] = ex
+    at = lay * fmax + col  # flat item index
+    items = np.full(L * fmax, -1, dtype=np.int64)
+    items[at] = ex
+    item_sh = np.zeros(L * fmax)
+    item_sh[at] = share.ravel()[idx]
+    first = np.zeros(L * E, dtype=np.int64)  # column of the first item of (layer, expert)
+    head = np.ones(idx.size, dtype=bool)
+    head[1:] = idx[1:] != idx[:-1]
+    first[idx[head]] = col[head]
 
-    pl = new.reshape(L, R, S)
-    isfree = new < 0
-    free = isfree.reshape(L, R, S)
-    nfree = free.sum(axis=2)
-    kept = np.where(isfree, 0, new).astype(np.int64)  # free slots read as expert 0 with zero share
-    slot_sh = take_rows(share, kept)
-    slot_sh[isfree] = 0.0
+    # Free slots, their count per rank, and rank loads of the slots kept.
+    if dropped is not None and src is not None:
+        fl, fp = dropped
+        free = np.zeros(L * P, dtype=bool)
+        free[fl * P + fp] = True
+        nfree = np.bincount(fl * R + fp // S, minlength=L * R)
+        slot_sh = take_rows(share, src)
+        slot_sh[fl, fp] = 0.0
+    else:
+        free = (new < 0).reshape(-1)
+        nfree = free.reshape(L * R, S).sum(axis=1)
+        slot_sh = take_rows(share, np.where(new < 0, 0, new))  # free slots read as expert 0 ...
+        slot_sh.reshape(-1)[free] = 0.0  # ... with zero share
     rl = slot_sh.reshape(L, R, S).sum(axis=2)
-    # holds[l, e, r]: rank r holds expert e (one [b, R] gather per item instead of an [b, R, S] scan).
-    holds = np.zeros((L, E, R), dtype=bool)
-    li, pi = np.nonzero(~isfree)
-    holds[li, kept[li, pi], pi // S] = True
-    pen = node_penalty * w.sum(axis=1) / R  # [L]
-    node_of = np.arange(R) // (R // N)
-    far_t = None if src_on_node is None else ~src_on_node.transpose(0, 2, 1)  # [L, E, N]
-    any_stuck = False
+    # held[l * fmax + j, r]: rank r holds the expert of item j; on_node likewise
+    # for the nodes of ``src`` (only the items' experts are ever asked about).
+    held = np.zeros((L * fmax, R), dtype=bool)
+    item_pen = None
+    ref = src if src is not None else np.where(new < 0, 0, new)
+    if marks is not None and src is not None:
+        ml, mp = marks
+    else:
+        n_ref = take_rows(deficit, ref)
+        if src is None:
+            n_ref[new < 0] = 0
+        ml, mp = np.nonzero(n_ref)
+    if ml.size:
+        x = ref[ml, mp]
+        nn = deficit[ml, x]
+        jj = np.repeat(first[ml * E + x], nn) + np.arange(int(nn.sum())) - np.repeat(np.cumsum(nn) - nn, nn)
+        rowj = np.repeat(ml, nn) * fmax + jj
+        slot = np.repeat(mp, nn)
+        still = np.repeat(new[ml, mp] == x, nn)  # still in ``new`` (src: not dropped)
+        held[rowj[still], slot[still] // S] = True
+    if src is not None:
+        on_node = np.zeros((L * fmax, N), dtype=bool)
+        if ml.size:
+            on_node[rowj, slot // (P // N)] = True
+        pen = np.repeat(node_penalty * w.sum(axis=1) / R, fmax)  # [L * fmax]
+        item_pen = (~on_node)[:, np.arange(R) // (R // N)] * pen[:, None]  # [L * fmax, R]
+    rlf, flat = rl.reshape(-1), new.reshape(-1)
     for j in range(fmax):
         rows = np.nonzero(nitems > j)[0]
-        e = items[rows, j]
+        rj = rows * fmax + j
+        e = items[rj]
         score = rl[rows]
-        if far_t is not None:
-            score += far_t[rows, e][:, node_of] * pen[rows, None]
-        closed = nfree[rows] == 0
-        blocked = closed | holds[rows, e]
+        if item_pen is not None:
+            score += item_pen[rj]
+        closed = nfree.reshape(L, R)[rows] == 0
+        hj = held[rj]
+        blocked = closed | hj
         r = np.argmin(np.where(blocked, np.inf, score), axis=1)
         stuck = blocked.all(axis=1)
         if stuck.any():  # every open rank holds e: take one, repair_duplicates fixes it
-            any_stuck = True
             r = np.where(stuck, np.argmin(np.where(closed, np.inf, score), axis=1), r)
-        s = np.argmax(free[rows, r], axis=1)  # first free slot of that rank
-        pl[rows, r, s] = e
-        free[rows, r, s] = False
-        nfree[rows, r] -= 1
-        rl[rows, r] += share[rows, e]
-        holds[rows, e, r] = True
-    return any_stuck
+            stuck_at.append(np.stack([rows[stuck], r[stuck], e[stuck]], axis=1))
+        fr = rows * R + r
+        fs = fr * S + np.argmax(free.reshape(L * R, S)[fr], axis=1)  # first free slot of that rank
+        flat[fs] = e
+        free[fs] = False
+        nfree[fr] -= 1
+        rlf[fr] += item_sh[rj]
+        if j + 1 < fmax:  # the next item of the same expert sees this replica too
+            hj[np.arange(rows.size), r] = True
+            nxt = items[rj + 1] == e
+            held[rj[nxt] + 1] = hj[nxt]
+    if not stuck_at:
+        return np.zeros((0, 3), dtype=np.int64)
+    dups = np.concatenate(stuck_at).astype(np.int64)
+    return dups[np.lexsort((dups[:, 2], dups[:, 1], dups[:, 0]))]
 
 
 def _improve(
@@ -182,12 +234,19 @@ def _improve(
     replica_rounds: int,
     outer: int = 4,
     above: float | np.ndarray = -np.inf,
-) -> None:
-    """Alternate swap search and replica re-assignment until neither helps (at most ``outer`` times)."""
+    counts: np.ndarray | None = None,
+) -> bool:
+    """Alternate swap search and replica re-assignment until neither helps (at most ``outer`` times).
+
+    ``counts`` [L, E] (optional): the replica counts of ``pl``. Returns whether
+    they may have changed (some replica was re-assigned).
+    """
     for _ in range(outer):
-        local_search(pl, w, E, S, rounds, max(partners, 1), step, above=above)
+        local_search(pl, w, E, S, rounds, max(partners, 1), step, above=above, counts=counts)
         if replica_rounds <= 0 or replica_search(pl, w, E, S, replica_rounds, min(partners, 4), step) == 0:
             break
+        counts = None
+    return counts is None
 
 
 def _granular(new: np.ndarray, w: np.ndarray, g: Geometry, rounds: int, bisect: int = 14) -> None:
@@ -230,10 +289,10 @@ def _scratch(w: np.ndarray, counts: np.ndarray, g: Geometry, rounds: int) -> np.
     B, E = w.shape
     R, S = g.num_ranks, g.slots_per_rank
     alt = np.full((B, R * S), -1, dtype=np.int64)
-    stuck = _fill(alt, w, counts, counts, g, None, 0.0)
+    dups = _fill(alt, w, counts, counts, g, None, 0.0)
     alt = alt.astype(np.int32)
-    if stuck:
-        repair_duplicates(alt, w, E, S)
+    if dups.size:
+        repair_duplicates(alt, w, E, S, dups)
     _improve(alt, w, E, S, rounds, R, 1e-9 * w.sum(axis=1) / R, 0, outer=1)
     return alt
 
@@ -275,11 +334,13 @@ def moveaware(
     R, S = g.num_ranks, g.slots_per_rank
     P = R * S
     mean = w.sum(axis=1) / R  # [L] mean rank load
-    counts = replicate(w, P, cap=min(R, P - E + 1))
+    srt = stable_argsort(-w)  # [L, E] heaviest first (shared by replicate and adjust_counts)
+    counts = replicate(w, P, cap=min(R, P - E + 1), order=srt)
     if current is None:
         new = np.full((L, P), -1, dtype=np.int64)
-        if _fill(new, w, counts, counts, g, None, 0.0):
-            repair_duplicates(new, w, E, S)
+        dups = _fill(new, w, counts, counts, g, None, 0.0)
+        if dups.size:
+            repair_duplicates(new, w, E, S, dups)
         new = new.astype(np.int32)
         _improve(new, w, E, S, scratch_rounds, R, 1e-9 * mean, max(scratch_rounds // 4, 1))
         _granular(new, w, g, scratch_rounds)
@@ -309,19 +370,26 @@ def moveaware(
     out = cur.copy()
     if rows.size == 0:
         return out  # nothing moves, so no layer is placed from scratch either (step 7)
-    wr, mr, lbr, curr, thr, thr_r = w[rows], mean[rows], lb[rows], cur[rows], thr[rows], thr_r[rows]
+    if rows.size == L:  # every layer (the usual steady state): no copies
+        wr, mr, lbr, curr, sub = w, mean, lb, cur, slice(None)
+    else:
+        wr, mr, lbr, curr, sub = w[rows], mean[rows], lb[rows], cur[rows], rows
+        thr, thr_r = thr[rows], thr_r[rows]
     # Candidate (b), incremental repair: min-max counts reached from the current
     # ones only by transfers that clearly pay off (hysteresis against noise),
     # keep what is wanted, fill deficits, local search above the target peak.
-    c0 = c_cur[rows]
-    tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P)
+    c0 = c_cur[sub]
+    tgt = adjust_counts(wr, c0, g.max_replicas, count_ratio, count_floor * mr, P, order=srt[sub])
     inc = _incremental(wr, curr, c0, tgt, g, partners, node_penalty)
     above = np.maximum((1 + slack) * mr, lbr * thr_r)
     # Layers still on the engine default placement (the first plan) move a lot
     # anyway: there replica re-assignment also runs (no cost in steady state).
     rr = max(replica_rounds, first_replica_rounds) if fresh[rows].any() else replica_rounds
-    _improve(inc, wr, E, S, rounds, partners, min_step * mr, rr, above=above)
-    pk_inc = rank_loads_of(wr, inc, E, S).max(axis=1)
+    # inc holds the target counts (fill and swaps keep them; replica rounds may not).
+    if _improve(inc, wr, E, S, rounds, partners, min_step * mr, rr, above=above, counts=tgt):
+        pk_inc = rank_loads_of(wr, inc, E, S).max(axis=1)
+    else:
+        pk_inc = take_rows(wr / tgt, inc.astype(np.int64)).reshape(-1, R, S).sum(axis=2).max(axis=1)
     # Candidate (c), a from-scratch placement relabelled onto the current ranks
     # (a rank permutation keeps its rank loads exactly, so what can stay, stays);
     # only where (b) is not already within `tolerance` of the bound.
@@ -399,29 +467,33 @@ def _incremental(
     ``c0`` [L, E]: the replica counts of ``cur`` [L, P]; ``counts`` [L, E]: the target ones.
     """
     L, E = w.shape
-    R, S, N = g.num_ranks, g.slots_per_rank, g.num_nodes
-    P = R * S
-    # Drop surplus replicas from the most loaded ranks (loads with the new shares).
-    share_new = w / counts
+    R, S = g.num_ranks, g.slots_per_rank
+    # Drop surplus replicas from the most loaded ranks (loads with the new
+    # shares; ties: lower rank). Only the slots of experts with a surplus.
     cur64 = cur.astype(np.int64)
-    rl = take_rows(share_new, cur64).reshape(L, R, S).sum(axis=2)
-    rank_pos = np.empty((L, R), dtype=np.int64)  # 0 = most loaded rank
-    np.put_along_axis(rank_pos, np.argsort(-rl, axis=1, kind="stable"), np.arange(R)[None, :], axis=1)
-    slot_rank = np.arange(P) // S
-    key = cur64 * R + take_rows(rank_pos, np.broadcast_to(slot_rank, (L, P)))
-    # E * R < 32768 (DeepSeek: 8192): 16-bit keys take numpy's radix sort, ~7x faster.
-    order = np.argsort(key.astype(np.int16) if E * R < 32768 else key, axis=1, kind="stable")
-    sorted_e = take_rows(cur64, order)
-    off = np.cumsum(c0, axis=1) - c0
-    k = np.arange(P)[None, :] - take_rows(off, sorted_e)
     surplus = np.maximum(c0 - counts, 0)
-    drop = np.zeros((L, P), dtype=bool)
-    np.put_along_axis(drop, order, k < take_rows(surplus, sorted_e), axis=1)
-    new = np.where(drop, -1, cur64)
+    new = cur64.copy()
+    # Slots whose expert loses replicas (li, pi) or gains some (marks for the fill).
+    change = take_rows(counts - c0, cur64)
+    li, pi = np.nonzero(change < 0)
+    marks = np.nonzero(change > 0)
+    if li.size:
+        x, r = cur64[li, pi], pi // S
+        # Loads of just those slots' ranks (the same sums as over all ranks).
+        on_r = new.reshape(L * R, S)[li * R + r]  # [n, S]
+        rl = (w / counts)[li[:, None], on_r].sum(axis=1)
+        o = np.lexsort((r, -rl, x, li))
+        li, pi, grp = li[o], pi[o], (li * E + x)[o]
+        at = np.arange(grp.size)
+        head = np.ones(grp.size, dtype=bool)
+        head[1:] = grp[1:] != grp[:-1]
+        k = at - np.maximum.accumulate(np.where(head, at, 0))  # position within (layer, expert)
+        drop = k < surplus.ravel()[grp]
+        li, pi = li[drop], pi[drop]
+        new[li, pi] = -1
     # Fill the deficits, preferring nodes that hold a source copy.
-    src_on_node = node_holds(cur, E, S, N)
-    stuck = _fill(new, w, counts, np.maximum(counts - c0, 0), g, src_on_node, node_penalty)
+    dups = _fill(new, w, counts, np.maximum(counts - c0, 0), g, cur64, node_penalty, (li, pi), marks)
     new = new.astype(np.int32)
-    if stuck:
-        repair_duplicates(new, w, E, S)
+    if dups.size:
+        repair_duplicates(new, w, E, S, dups)
     return new
