@@ -200,8 +200,8 @@ def quiet_bytes(packed: bytes, st: Agreed) -> bool:
     :func:`track_divergence` sets ``st.diverging_since`` to -1, so a caller may
     skip both provided it resets ``diverging_since`` itself. Pure and
     replicated like :func:`decide`; does not change ``st``. Bytes, not numpy:
-    a handful of core-Python operations, the cheapest thing to run on the
-    forward thread at a sync.
+    a handful of core-Python operations, the cheapest thing to run at every
+    sync.
     """
     if st.active_id >= 0:
         return False
@@ -241,7 +241,7 @@ def decide(words: np.ndarray, st: Agreed, timeout_syncs: int, divergence_syncs: 
 def decide_rows(rows: list[list[int]], st: Agreed, timeout_syncs: int, divergence_syncs: int = 0) -> Decision:
     """:func:`decide` on the words as Python lists ([R][NUM_WORDS]) whose replicated words
     were checked. Lists: for a few dozen ranks that is several times cheaper than a chain of
-    small numpy operations on the forward thread."""
+    small numpy operations at a sync."""
     r0 = rows[0]
     if st.active_id >= 0:
         if r0[W_ACTIVE] != st.active_id:

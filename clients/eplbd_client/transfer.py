@@ -32,9 +32,10 @@ same schedule, so peers reach a round within about one step of each other
 after ``plan_timeout_syncs`` syncs without a commit), the rate is raised for a
 plan where one layer's units at that rate would take more than
 ``max_layer_steps`` steps (the client passes what its timeout leaves after
-two syncs of agreement latency), identically on every rank.
+the agreement's latency), identically on every rank.
 
-The forward thread, at a sync where the ranks agreed on it, calls
+The forward thread, at the sync where the ranks agreed on it (with the client's
+sync thread: at the next sync), calls
 :meth:`~PlanTransfer.commit` for layers staged everywhere: copies staging
 entries into the live slots of every weight tensor, switches the host's routing
 tables, and frees the entries (the gate may open for later layers).
@@ -212,8 +213,8 @@ class PlanTransfer:
         self._pool_size = 0
         self._head = 0  # staging ring: next entry to hand out
         self._release_events: list[Any] = []
-        self.staged: list[_Staged] = []  # appended by the staging thread, read by the forward thread
-        self._ready = 0  # staged layers seen complete by the forward thread
+        self.staged: list[_Staged] = []  # appended by the staging thread, read by the sync's thread
+        self._ready = 0  # staged layers seen complete by the sync's thread (staged_count)
         self.committed = 0
         self.error = 0
         self.error_message = ""
@@ -236,7 +237,7 @@ class PlanTransfer:
             else 0.0
         )
         self._clock = step_clock
-        self.start_step = step_clock() if step_clock is not None else 0  # forward thread, at the sync
+        self.start_step = step_clock() if step_clock is not None else 0  # at the sync that starts it
         self._pace_next = float(self.start_step)  # step at which the next unit may start
         self.unit_steps: list[int] = []  # step clock when each paced unit started (worker thread)
         self.pace_wait_s = 0.0  # worker time spent waiting for the pace
@@ -396,7 +397,7 @@ class PlanTransfer:
         with self._cond:
             self._cond.notify_all()
 
-    # -- forward thread ---------------------------------------------------------
+    # -- the sync's thread (the client's sync thread, or the forward thread) ----------
     def staged_count(self) -> int:
         """Changed layers staged (complete) on this rank, prefix count; non-blocking."""
         staged = self.staged
@@ -404,6 +405,7 @@ class PlanTransfer:
             self._ready += 1
         return self._ready
 
+    # -- forward thread ---------------------------------------------------------
     def commit(self, upto: int, staged: Sequence[_Staged] | None = None) -> list[int]:
         """Commit changed layers [committed, upto) (forward thread). Returns the layer ids."""
         src = self.staged if staged is None else staged
