@@ -145,7 +145,7 @@ def _overhead_rank(
         sync[i] = is_sync
         # Stands in for the forward: its MoE all-to-alls keep the ranks in step (here one
         # tiny all-reduce over the EP group), then some compute (a sleep).
-        if lockstep:
+        if lockstep and world > 1:  # one rank has no peers to keep in step
             dist.all_reduce(tick, group=client.group)
         time.sleep(0.0002)
     timer = _timer_overhead_ns()
@@ -166,18 +166,23 @@ def _pct(a: np.ndarray) -> dict[str, float]:
     return {"p50_us": float(np.percentile(a, 50)) / 1e3, "p99_us": float(np.percentile(a, 99)) / 1e3}
 
 
-def bench_overhead(steps: int, raw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Part 1. ``raw`` (optional) receives each case's per-step CPU arrays for the plot."""
+def bench_overhead(steps: int, raw: dict[str, Any] | None = None, ranks: int = 4) -> dict[str, Any]:
+    """Part 1 on ``ranks`` ranks (the per-rank shapes stay; E shrinks to fit R * S if
+    needed). ``raw`` (optional) receives each case's per-step CPU arrays for the plot."""
+
+    def geo(L: int, E: int, S: int) -> Geometry:
+        return Geometry(L, min(E, ranks * S), ranks, S)
+
     out: dict[str, Any] = {}
     for label, g, at_once, threaded in (
-        ("L=4 S=6, record per layer", Geometry(4, 16, 4, 6), False, True),
-        ("L=58 S=72, record per layer", Geometry(58, 256, 4, 72), False, True),
-        ("L=58 S=72, record_all", Geometry(58, 256, 4, 72), True, True),
-        ("L=58 S=72, record_all, no sync thread", Geometry(58, 256, 4, 72), True, False),
+        ("L=4 S=6, record per layer", geo(4, 16, 6), False, True),
+        ("L=58 S=72, record per layer", geo(58, 256, 72), False, True),
+        ("L=58 S=72, record_all", geo(58, 256, 72), True, True),
+        ("L=58 S=72, record_all, no sync thread", geo(58, 256, 72), True, False),
     ):
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
         try:
-            res = launch(_overhead_rank, 4, g, prefix + "ovh", steps, 16, at_once, threaded, timeout=300)
+            res = launch(_overhead_rank, ranks, g, prefix + "ovh", steps, 16, at_once, threaded, timeout=300)
         finally:
             remove_prefix(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up
@@ -309,7 +314,9 @@ def bench_steptime(steps: int, raw: dict[str, Any] | None = None) -> dict[str, A
     return out
 
 
-def plot(raw_ovh: dict[str, Any], raw_step: dict[str, Any], path: str, machine: dict[str, Any]) -> None:
+def plot(
+    raw_ovh: dict[str, Any], raw_step: dict[str, Any], path: str, machine: dict[str, Any], ranks: int = 4
+) -> None:
     """Left: CDF of the forward thread's CPU per step (record + step) for each overhead case,
     and of step() alone at sync steps (dashed). Right: CDF of rank 0's step time per mode,
     plan in flight dashed."""
@@ -334,7 +341,7 @@ def plot(raw_ovh: dict[str, Any], raw_step: dict[str, Any], path: str, machine: 
     ax.set_xscale("log")
     ax.set_xlabel("forward-thread CPU per step (µs)")
     ax.set_ylabel("fraction of steps")
-    ax.set_title("client cost on the forward thread (4 ranks, K=16)")
+    ax.set_title(f"client cost on the forward thread ({ranks} ranks, K=16)")
     ax.legend(fontsize=6.5, loc="lower right")
     if raw_step:
         ax = axes[0][1]
@@ -368,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--json-out", metavar="PATH", help="also write the JSON report to PATH")
     ap.add_argument("--overhead-only", action="store_true", help="only part 1 (and the computed bytes)")
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=4,
+        choices=(1, 2, 3, 4),
+        help="ranks of part 1 (default 4; 1: no contention)",
+    )
     ap.add_argument("--steptime-only", action="store_true", help="only part 3 (and the computed bytes)")
     ap.add_argument("--plot", metavar="PNG", help="draw the per-step distributions of parts 1 and 3 into PNG")
     args = ap.parse_args(argv)
@@ -377,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     raw_step: dict[str, Any] = {}
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__},
-        "overhead_record_plus_step": None if args.steptime_only else bench_overhead(n_ovh, raw_ovh),
+        "overhead_record_plus_step": None
+        if args.steptime_only
+        else bench_overhead(n_ovh, raw_ovh, args.ranks),
         "bytes_per_sync": {
             "deepseek_v3 (L=58 E=256 R=32 S=9)": bytes_per_sync(Geometry.deepseek_v3()),
             "test model (L=4 E=16 R=4 S=6)": bytes_per_sync(Geometry(4, 16, 4, 6)),
@@ -386,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
     if args.plot:
-        plot(raw_ovh, raw_step, args.plot, report["machine"])
+        plot(raw_ovh, raw_step, args.plot, report["machine"], args.ranks)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
@@ -398,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: {m['cpus']} CPUs, load {m['loadavg_1m']:.1f} -> {m['loadavg_1m_end']:.1f}, "
             f"torch {m['torch']}"
         )
-        print("forward-thread overhead of record (L calls) + step(), excluding the collective (µs):")
+        print(
+            f"forward-thread overhead of record (L calls) + step(), {args.ranks} rank(s), "
+            "excluding the collective (µs):"
+        )
         for label, v in (report["overhead_record_plus_step"] or {}).items():
             a, s = v["all_steps_wall"], v["sync_steps_wall"]
             ac, sc = v["all_steps_cpu"], v["sync_steps_cpu"]
