@@ -159,8 +159,8 @@ def check_host_weights(host: ExpertHost, slots_per_rank: int) -> list[tuple[tupl
 @dataclasses.dataclass
 class _Staged:
     layer: int
-    dst: torch.Tensor  # [m] int64 local destination slots
-    entries: torch.Tensor  # [m] int64 staging entries
+    dst: torch.Tensor  # [m] int64 local destination slots, on the device
+    entries: torch.Tensor  # [m] int64 staging entries, on the device
     event: Any  # device event after the layer's writes (None on CPU)
 
 
@@ -347,9 +347,14 @@ class PlanTransfer:
                     raise TransferError(
                         ERR_TRANSFER, f"plan {self.plan.plan_id}: aborted during layer {layer}"
                     )
+            # The commit's index tensors go to the device here, on the staging stream and
+            # this thread: a copy from pageable host memory would make the forward thread
+            # wait for its stream at the commit.
+            dev = self.dev.device
+            dst = torch.as_tensor(writes["dst_slot"].astype(np.int64)).to(dev)
+            entries_dev = entries.to(dev)
             ev = self.dev.record_event(self.stream)
-        dst = torch.as_tensor(writes["dst_slot"].astype(np.int64))
-        return _Staged(layer, dst, entries, ev)
+        return _Staged(layer, dst, entries_dev, ev)
 
     def _run_round(self, p2p: list[dist.P2POp], layer: int, rnd: int) -> None:
         if not p2p:
@@ -416,10 +421,11 @@ class PlanTransfer:
             self.dev.wait_event(st.event)  # forward stream waits for the staging stream
             w = self.host.expert_weights(st.layer)
             if st.dst.numel():
-                dst = st.dst.to(self.dev.device, non_blocking=True)
-                ent = st.entries.to(self.dev.device, non_blocking=True)
+                if self.dev.has_streams:  # made on the staging stream, used on this one
+                    st.dst.record_stream(self.dev.current_stream())
+                    st.entries.record_stream(self.dev.current_stream())
                 for t, wt in enumerate(w):
-                    wt.index_copy_(0, dst, self._pool[t].index_select(0, ent))  # type: ignore[index]
+                    wt.index_copy_(0, st.dst, self._pool[t].index_select(0, st.entries))  # type: ignore[index]
             layer = st.layer
             self.host.commit_layer(
                 layer,
