@@ -797,9 +797,7 @@ class EplbClient:
         ev = self.dev.record_event() if self._fwd_events else None
         self._n = n + 1
         self._process(n, meta, ev)
-        self._p2l_in_force = self._phy2log
-        self._epoch_in_force = self.state.epoch
-        self._active_in_force = self.state.active_id
+        self._in_force()
         self._ws.steps = self._step
 
     def _handoff(self) -> None:
@@ -828,20 +826,14 @@ class EplbClient:
                 f"{type(e).__name__}: {e}"
             ) from e
         n = self._n
-        # Inlined _window_meta and _switch: this is the forward thread's whole sync.
-        step = self._step
-        meta = (n, step - self._K, step, self._epoch_in_force, self._p2l_in_force) if self._pub else None
+        meta = self._window_meta(n)
         if self._actions:
             self._run_actions()
         if self._dirty:
             self._adopt()
         elif not n & 63:  # the counters that change without a decision, now and then
             self._adopt_counters()
-        b = (n + 1) % NBUF
-        zev = self._zero_ev[b]
-        if zev is not None:
-            self.dev.wait_event(zev)
-        self.recorder.switch(b)
+        self._switch(n + 1)
         ev = self.dev.record_event() if self._fwd_events else None
         self._n = n + 1
         snap = self._snap
@@ -856,12 +848,16 @@ class EplbClient:
             xfer.commit(upto)
         self._actions.clear()
 
-    def _adopt(self) -> None:
-        """Forward thread, sync thread idle: what callers see becomes the agreed state."""
-        self._dirty = False
+    def _in_force(self) -> None:
+        """Forward thread, decisions applied: the forward pass now runs the agreed placement."""
         self._p2l_in_force = self._phy2log
         self._epoch_in_force = self.state.epoch
         self._active_in_force = self.state.active_id
+
+    def _adopt(self) -> None:
+        """Forward thread, sync thread idle: what callers see becomes the agreed state."""
+        self._dirty = False
+        self._in_force()
         ws = self._ws
         self._snap = dataclasses.replace(ws, history=list(ws.history), sync_thread_waits=self._waits)
 
