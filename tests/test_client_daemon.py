@@ -23,7 +23,7 @@ from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log
 from eplbd.shm import PLAN_STARTED, Domain
 from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import TinyMoE, launch
+from eplbd_client.testing import TinyMoE, check_ranks_exact, launch, rank_report
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,12 +80,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     dist.all_gather(gathered, torch.from_numpy(got))
     measured = torch.stack(gathered, dim=1).numpy()  # [L, R] each rank's own counts
     out = {
-        "maxdiff": maxdiff,
-        "mismatches": model.weight_mismatches(),
-        "tables_ok": model.tables_consistent(),
-        "phy2log": client.phy2log.copy(),
-        "epoch": client.epoch,
-        "stats": dict(vars(client.stats)),
+        **rank_report(model, client, maxdiff),
         "measured": measured,
         "predicted_cur": cur,
         "ref_default": ref,
@@ -97,14 +92,6 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
 def beta(rank_load: np.ndarray) -> float:
     """Σ_l mean_r / Σ_l max_r of [L, R] loads."""
     return float(rank_load.mean(axis=1).sum() / rank_load.max(axis=1).sum())
-
-
-def check(res: list[dict[str, Any]]) -> None:
-    for r in res:
-        assert r["mismatches"] == [] and r["tables_ok"]
-        assert r["maxdiff"] < 1e-4
-        assert np.array_equal(r["phy2log"], res[0]["phy2log"]) and r["epoch"] == res[0]["epoch"]
-        assert r["stats"]["history"] == res[0]["stats"]["history"]
 
 
 def test_live_daemon_three_plans_exact_and_better_balanced(shm_prefix: str, tmp_path: Path) -> None:
@@ -119,7 +106,7 @@ def test_live_daemon_three_plans_exact_and_better_balanced(shm_prefix: str, tmp_
         res = launch(rank_main, WORLD, spec, timeout=150)
     finally:
         d.stop()
-    check(res)
+    check_ranks_exact(res)
     s = res[0]["stats"]
     assert s["plans_committed"] >= 3, (s, d.log())
     assert "publish" in d.log()
@@ -183,7 +170,7 @@ def test_daemon_kill9_mid_rebalance_then_restart(shm_prefix: str, tmp_path: Path
         d1.stop()
         box["d"].stop()
     assert "error" not in box, box.get("error")
-    check(res)
+    check_ranks_exact(res)
     killed = box["killed_during"].plan_id
     hist = res[0]["stats"]["history"]
     # The interrupted plan finished on every rank (no daemon needed), and a later one,

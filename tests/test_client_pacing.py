@@ -18,7 +18,7 @@ from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log
 from eplbd.shm import PLAN_COMMITTED
 from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import PlanDriver, TinyMoE, launch_with_driver
+from eplbd_client.testing import PlanDriver, TinyMoE, check_ranks_exact, launch_with_driver, rank_report
 from eplbd_client.transfer import pace_rate
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,34 +62,13 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         ):
             break
     time.sleep(0.05)  # the last run record is appended by the worker right after staging
-    out = {
-        "runs": runs,
-        "stats": {k: v for k, v in vars(client.stats).items()},
-        "epoch": client.epoch,
-        "phy2log": client.phy2log.copy(),
-        "model_phy2log": model.phy2log.copy(),
-        "mismatches": model.weight_mismatches(),
-        "tables_ok": model.tables_consistent(),
-        "maxdiff": maxdiff,
-    }
+    out = {"runs": runs, **rank_report(model, client, maxdiff)}
     client.close()
     return out
 
 
 def run(spec: dict[str, Any], driver: PlanDriver) -> list[dict[str, Any]]:
     return launch_with_driver(rank_main, WORLD, spec, driver=driver, timeout=100.0)
-
-
-def check_exact(res: list[dict[str, Any]]) -> None:
-    """Every rank: slots hold their experts bitwise, tables agree, outputs equal the reference."""
-    for r in res:
-        assert r["mismatches"] == [], r["mismatches"]
-        assert r["tables_ok"]
-        assert np.array_equal(r["phy2log"], r["model_phy2log"])
-        assert np.array_equal(r["phy2log"], res[0]["phy2log"])
-        assert r["epoch"] == res[0]["epoch"]
-        assert r["maxdiff"] < 1e-4, r["maxdiff"]
-        assert r["stats"]["history"] == res[0]["stats"]["history"]
 
 
 def test_pace_rate_is_raised_to_fit_the_timeout() -> None:
@@ -111,7 +90,7 @@ def test_paced_plans_spread_over_steps_and_stay_exact(shm_prefix: str) -> None:
         "transfer_rounds_per_step": rate,
     }
     res = run({"domain": name, "config": cfg, "commits": 2}, driver)
-    check_exact(res)
+    check_ranks_exact(res)
     assert res[0]["stats"]["plans_committed"] == 2 and res[0]["stats"]["plans_aborted"] == 0
     assert [s.state for s in driver.statuses] == [PLAN_COMMITTED] * 2
     assert not np.array_equal(res[0]["phy2log"], default_phy2log(G))
@@ -141,7 +120,7 @@ def test_unpaced_plan_does_not_wait(shm_prefix: str) -> None:
     driver = PlanDriver(name, G, plans=1, source="random", gap_windows=2, seed=11)
     cfg = {"sync_interval": 2, "max_staged_experts": G.num_layers * G.slots_per_rank}
     res = run({"domain": name, "config": cfg, "commits": 1}, driver)
-    check_exact(res)
+    check_ranks_exact(res)
     for r in res:
         assert len(r["runs"]) == 1 and r["runs"][0]["pace"] == 0.0 and r["runs"][0]["unit_steps"] == []
 
@@ -158,7 +137,7 @@ def test_slow_pace_is_raised_so_the_plan_does_not_time_out(shm_prefix: str) -> N
         "plan_timeout_syncs": 6,
     }
     res = run({"domain": name, "config": cfg, "commits": 1}, driver)
-    check_exact(res)
+    check_ranks_exact(res)
     assert res[0]["stats"]["plans_committed"] == 1 and res[0]["stats"]["plans_aborted"] == 0
     for r in res:
         (x,) = r["runs"]

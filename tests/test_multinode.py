@@ -40,7 +40,7 @@ from eplbd.shm import PLAN_COMMITTED, Domain, PlanStatus
 from eplbd_client import ClientConfig, EplbClient
 from eplbd_client import control as C
 from eplbd_client.client import NodeLayout, NodeLayoutError, launcher_node, node_layout
-from eplbd_client.testing import TinyMoE, launch
+from eplbd_client.testing import TinyMoE, check_ranks_exact, launch, rank_report
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,12 +126,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         "leader": client.is_leader,
         "domain": client.domain_name,
         "steps": step + 1,
-        "maxdiff": maxdiff,
-        "mismatches": model.weight_mismatches(),
-        "tables_ok": model.tables_consistent(),
-        "phy2log": client.phy2log.copy(),
-        "epoch": client.epoch,
-        "stats": dict(vars(client.stats)),
+        **rank_report(model, client, maxdiff),
         "step_s": np.array(step_s),
     }
     if client.is_leader:
@@ -188,11 +183,7 @@ def run_job(
 
 def check_same_everywhere(res: list[dict[str, Any]]) -> None:
     """Every rank: bitwise weights, consistent tables, equal placement/epoch/history, exact outputs."""
-    for r in res:
-        assert r["mismatches"] == [] and r["tables_ok"]
-        assert r["maxdiff"] < 1e-4, r["maxdiff"]
-        assert np.array_equal(r["phy2log"], res[0]["phy2log"]) and r["epoch"] == res[0]["epoch"]
-        assert r["stats"]["history"] == res[0]["stats"]["history"]
+    check_ranks_exact(res)
     # Node identity came from the launcher's variables: nodes 0, 0, 1, 1; leaders ranks 0 and 2.
     want = [node_layout(r, WORLD, [0, 0, 1, 1], source="GROUP_RANK") for r in range(WORLD)]
     assert [r["layout"] for r in res] == [tuple(w) for w in want]

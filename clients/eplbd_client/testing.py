@@ -33,7 +33,16 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_padded, replica_count
 
-__all__ = ["NullHost", "PlanDriver", "TinyMoE", "free_port", "launch", "launch_with_driver"]
+__all__ = [
+    "NullHost",
+    "PlanDriver",
+    "TinyMoE",
+    "check_ranks_exact",
+    "free_port",
+    "launch",
+    "launch_with_driver",
+    "rank_report",
+]
 
 
 class NullHost:
@@ -246,6 +255,39 @@ class TinyMoE:
             np.array_equal(self.log2phy.cpu().numpy(), want_l2p)
             and np.array_equal(self.rc.cpu().numpy(), want_rc)
         )
+
+
+# -- what a multi-rank run checks --------------------------------------------------
+
+
+def rank_report(model: TinyMoE, client: Any, maxdiff: float) -> dict[str, Any]:
+    """One rank's end state for :func:`check_ranks_exact` (take it before ``client.close()``).
+
+    ``maxdiff``: the largest |output - reference output| the rank saw."""
+    return {
+        "maxdiff": maxdiff,
+        "mismatches": model.weight_mismatches(),
+        "tables_ok": model.tables_consistent(),
+        "phy2log": client.phy2log.copy(),
+        "model_phy2log": model.phy2log.copy(),
+        "epoch": client.epoch,
+        "stats": dict(vars(client.stats)),
+    }
+
+
+def check_ranks_exact(res: Sequence[dict[str, Any]]) -> None:
+    """Every rank (reports of :func:`rank_report`): each slot holds its logical expert's
+    weights bitwise, the routing tables are consistent, the model runs the client's
+    placement, outputs equal the unbalanced model's; placement, epoch and plan history
+    equal rank 0's."""
+    for r in res:
+        assert r["mismatches"] == [], r["mismatches"]
+        assert r["tables_ok"]
+        assert np.array_equal(r["phy2log"], r["model_phy2log"])
+        assert r["maxdiff"] < 1e-4, r["maxdiff"]
+        assert np.array_equal(r["phy2log"], res[0]["phy2log"])
+        assert r["epoch"] == res[0]["epoch"]
+        assert r["stats"]["history"] == res[0]["stats"]["history"]
 
 
 # -- multi-process launcher ---------------------------------------------------------
