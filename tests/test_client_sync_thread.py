@@ -112,6 +112,7 @@ def test_a_killed_rank_fails_the_others_steps_promptly(shm_prefix: str) -> None:
     forward thread); close() returns."""
     res = launch(_rank_killed, 4, shm_prefix + "job.m0", timeout=60, may_die=[3])
     assert res[3] is None
+    print("survivors: error after the kill (s)", [round(r["t_err"], 3) for r in res[:3]])
     for r in res[:3]:
         assert "sync thread failed at sync" in r["err"] and "RuntimeError" in r["err"], r
         assert r["t_err"] < 15.0, r
