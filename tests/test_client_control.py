@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from eplbd.geometry import Geometry
-from eplbd.placement import default_phy2log
+from eplbd.placement import default_phy2log, log2phy_padded
 from eplbd_client import control as C
+from eplbd_client.device import DeviceOps
+from eplbd_client.host import LayerTables
 from eplbd_client.recorder import LoadRecorder
 from eplbd_client.testing import TinyMoE
 from eplbd_client.transfer import TransferError, staging_gates
@@ -192,6 +194,20 @@ def test_recorder_accumulates_without_reallocating() -> None:
     rec.drain_into(out)
     assert out.view(3, 4).tolist() == [[0, 0, 0, 0], [2, 2, 3, 4], [0, 0, 0, 5]]
     assert rec.acc.sum().item() == 0 and rec.acc.data_ptr() == ptr
+
+
+def test_layer_tables_are_independent_device_copies() -> None:
+    p2l = np.array([0, 1, 2, 0], dtype=np.int32)
+    l2p = log2phy_padded(p2l[None], Geometry(1, 3, 2, 2))[0]
+    rc = np.array([2, 1, 1], dtype=np.int32)
+    t = LayerTables.build(p2l, l2p, rc, "cpu")
+    assert [x.dtype for x in t.tensors()] == [torch.int64] * 3
+    assert t.log2phy_dev.tolist() == l2p.tolist() and t.replica_count_dev.tolist() == [2, 1, 1]
+    moved = DeviceOps("cpu").to_device(p2l)
+    p2l[0] = 2  # the caller's array may change later: the device copy must not
+    assert moved.dtype == torch.int64 and moved.tolist() == [0, 1, 2, 0]
+    same = torch.arange(3)
+    assert DeviceOps("cpu").to_device(same).data_ptr() != same.data_ptr()
 
 
 def test_tiny_moe_single_rank_matches_reference() -> None:

@@ -8,7 +8,7 @@
 """
 
 from .client import ClientConfig, ClientStats, EplbClient
-from .host import ExpertHost
+from .host import ExpertHost, LayerTables
 from .recorder import LoadRecorder
 
-__all__ = ["ClientConfig", "ClientStats", "EplbClient", "ExpertHost", "LoadRecorder"]
+__all__ = ["ClientConfig", "ClientStats", "EplbClient", "ExpertHost", "LayerTables", "LoadRecorder"]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["DeviceOps"]
@@ -81,6 +82,20 @@ class DeviceOps:
                 raise TimeoutError(f"device event not complete after {timeout_s:.0f} s")
             time.sleep(nap)
             nap = min(nap * 2, 1e-3)
+
+    def to_device(self, a: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``a`` as a ``dtype`` tensor on the device, copied on the current stream without
+        blocking the host (pinned source, ``non_blocking``: torch keeps the pinned block
+        alive until the copy ran). For threads other than the forward thread, whose
+        consumers order themselves after an event of this stream. On CPU: a copy."""
+        t = torch.as_tensor(a).to(dtype, copy=True)  # never a view of the caller's array
+        if self._mod is None:
+            return t
+        try:
+            t = t.pin_memory()
+        except RuntimeError:  # pinning unavailable: a pageable copy (waits for the stream, here)
+            return t.to(self.device)
+        return t.to(self.device, non_blocking=True)
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Host buffer for device->host copies: pinned where the device supports it."""

@@ -8,13 +8,49 @@ S local slots per rank, P = R*S physical slots, K = max replicas per expert.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["ExpertHost"]
+__all__ = ["ExpertHost", "LayerTables"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTables:
+    """One layer's routing tables after a commit, on the host and already on the device.
+
+    Host copies (numpy int32): ``phy2log`` [P] (logical expert of every physical
+    slot), ``log2phy`` [E, K] (the replicas' physical slots, ascending, -1 padded;
+    K = ``Geometry.max_replicas``), ``replica_count`` [E]. The same tables as
+    int64 tensors on the host's device: ``phy2log_dev``, ``log2phy_dev``,
+    ``replica_count_dev``. The client moves them there off the forward thread
+    (its transfer thread, on its own stream, before the commit), so a host's
+    commit is device-to-device ``copy_`` calls: queued, with no host sync, where
+    a copy from host memory would make the forward thread wait for its stream.
+    """
+
+    phy2log: np.ndarray
+    log2phy: np.ndarray
+    replica_count: np.ndarray
+    phy2log_dev: torch.Tensor
+    log2phy_dev: torch.Tensor
+    replica_count_dev: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, phy2log: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray, device: torch.device | str
+    ) -> LayerTables:
+        """Tables for ``device`` from host arrays (plain blocking copies: for tools and tests;
+        the client stages its own with pinned, non-blocking copies)."""
+        h = [np.ascontiguousarray(a, dtype=np.int32) for a in (phy2log, log2phy, replica_count)]
+        d = [torch.from_numpy(a.astype(np.int64)).to(device) for a in h]
+        return cls(h[0], h[1], h[2], d[0], d[1], d[2])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.phy2log_dev, self.log2phy_dev, self.replica_count_dev
 
 
 @runtime_checkable
@@ -31,15 +67,15 @@ class ExpertHost(Protocol):
       inside :meth:`commit_layer`'s caller, between two forward steps. Every MoE
       layer must return tensors of the same shapes and dtypes (the staging pool
       is shared between layers).
-    - ``commit_layer(layer, phy2log_row, log2phy, replica_count)`` switches the
-      routing tables of one layer, after the client copied the layer's new
-      experts into their slots. Arrays are host numpy int32:
-      ``phy2log_row`` [P] (logical expert of every physical slot),
-      ``log2phy`` [E, K] (the replicas' physical slots, -1 padded, ascending;
-      K = ``Geometry.max_replicas``, pad or slice if the engine's table differs),
-      ``replica_count`` [E]. The host must copy them into its own tables in
-      place (tables captured by graphs must keep their storage). Called on the
-      forward thread, never concurrently with a forward step.
+    - ``commit_layer(layer, tables)`` switches the routing tables of one layer
+      (:class:`LayerTables`), after the client copied the layer's new experts
+      into their slots. The host copies the device tensors into its own tables
+      in place (``copy_``: tables captured by graphs must keep their storage;
+      pad or slice if the engine's log2phy is wider or narrower than K) and
+      must not copy from host memory to the device there (that waits for the
+      stream); the numpy copies are for host-side bookkeeping. Called on the
+      forward thread, with the forward stream current and already ordered
+      after the tables' copies, never concurrently with a forward step.
     - ``device``: where the expert weights (and the load accumulator) live.
     """
 
@@ -57,8 +93,6 @@ class ExpertHost(Protocol):
         """Live expert tensors of ``layer``, each [S, ...]; updated in place by the client."""
         ...
 
-    def commit_layer(
-        self, layer: int, phy2log_row: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray
-    ) -> None:
-        """Switch ``layer``'s routing tables: phy2log_row [P], log2phy [E, K], replica_count [E] (int32)."""
+    def commit_layer(self, layer: int, tables: LayerTables) -> None:
+        """Switch ``layer``'s routing tables to ``tables`` (in place, device-to-device)."""
         ...

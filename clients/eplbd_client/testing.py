@@ -33,6 +33,8 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_padded, replica_count
 
+from .host import LayerTables
+
 __all__ = [
     "NullHost",
     "PlanDriver",
@@ -64,7 +66,7 @@ class NullHost:
     def expert_weights(self, layer: int) -> list[torch.Tensor]:
         return [self.w[layer]]
 
-    def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:
+    def commit_layer(self, layer: int, tables: LayerTables) -> None:
         pass
 
 
@@ -127,12 +129,10 @@ class TinyMoE:
     def expert_weights(self, layer: int) -> Sequence[torch.Tensor]:
         return (self.w1[layer], self.w2[layer])
 
-    def commit_layer(
-        self, layer: int, phy2log_row: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray
-    ) -> None:
-        self.phy2log[layer] = phy2log_row
-        self.log2phy[layer].copy_(torch.from_numpy(log2phy.astype(np.int64)))
-        self.rc[layer].copy_(torch.from_numpy(replica_count.astype(np.int64)))
+    def commit_layer(self, layer: int, tables: LayerTables) -> None:
+        self.phy2log[layer] = tables.phy2log
+        self.log2phy[layer].copy_(tables.log2phy_dev)  # device to device: queued, no host sync
+        self.rc[layer].copy_(tables.replica_count_dev)
         self.commits += 1
 
     # -- model ------------------------------------------------------------------

@@ -75,7 +75,7 @@ from eplbd.planner import changed_layers, rounds_per_layer, staging_need
 
 from .control import ERR_INTERNAL, ERR_STAGING, ERR_TRANSFER
 from .device import DeviceOps
-from .host import ExpertHost
+from .host import ExpertHost, LayerTables
 
 __all__ = ["TransferError", "PlanTransfer", "staging_gates", "check_host_weights", "pace_rate"]
 
@@ -161,6 +161,7 @@ class _Staged:
     layer: int
     dst: torch.Tensor  # [m] int64 local destination slots, on the device
     entries: torch.Tensor  # [m] int64 staging entries, on the device
+    tables: LayerTables  # the layer's new routing tables, on the host and the device
     event: Any  # device event after the layer's writes (None on CPU)
 
 
@@ -347,14 +348,22 @@ class PlanTransfer:
                     raise TransferError(
                         ERR_TRANSFER, f"plan {self.plan.plan_id}: aborted during layer {layer}"
                     )
-            # The commit's index tensors go to the device here, on the staging stream and
-            # this thread: a copy from pageable host memory would make the forward thread
-            # wait for its stream at the commit.
-            dev = self.dev.device
-            dst = torch.as_tensor(writes["dst_slot"].astype(np.int64)).to(dev)
-            entries_dev = entries.to(dev)
+            # The commit's index tensors and routing tables go to the device here, on the
+            # staging stream and this thread: a copy from host memory on the forward
+            # thread would make it wait for its stream at the commit.
+            to_dev = self.dev.to_device
+            dst = to_dev(writes["dst_slot"])
+            entries_dev = to_dev(entries)
+            tables = self._tables(layer)
             ev = self.dev.record_event(self.stream)
-        return _Staged(layer, dst, entries_dev, ev)
+        return _Staged(layer, dst, entries_dev, tables, ev)
+
+    def _tables(self, layer: int) -> LayerTables:
+        """Layer ``layer``'s new routing tables, host and device (current stream)."""
+        p2l = np.ascontiguousarray(self.plan.phy2log[layer], dtype=np.int32)
+        l2p, rc = self.log2phy[layer], self.replica_count[layer]
+        to_dev = self.dev.to_device
+        return LayerTables(p2l, l2p, rc, to_dev(p2l), to_dev(l2p), to_dev(rc))
 
     def _run_round(self, p2p: list[dist.P2POp], layer: int, rnd: int) -> None:
         if not p2p:
@@ -420,20 +429,15 @@ class PlanTransfer:
             st = src[j]
             self.dev.wait_event(st.event)  # forward stream waits for the staging stream
             w = self.host.expert_weights(st.layer)
+            if self.dev.has_streams:  # made on the staging stream, used on this one
+                cur = self.dev.current_stream()
+                for t in (st.dst, st.entries, *st.tables.tensors()):
+                    t.record_stream(cur)
             if st.dst.numel():
-                if self.dev.has_streams:  # made on the staging stream, used on this one
-                    st.dst.record_stream(self.dev.current_stream())
-                    st.entries.record_stream(self.dev.current_stream())
                 for t, wt in enumerate(w):
                     wt.index_copy_(0, st.dst, self._pool[t].index_select(0, st.entries))  # type: ignore[index]
-            layer = st.layer
-            self.host.commit_layer(
-                layer,
-                np.ascontiguousarray(self.plan.phy2log[layer], dtype=np.int32),
-                self.log2phy[layer],
-                self.replica_count[layer],
-            )
-            done.append(layer)
+            self.host.commit_layer(st.layer, st.tables)
+            done.append(st.layer)
         ev = None
         if done and self.dev.has_streams:
             cur = self.dev.current_stream()

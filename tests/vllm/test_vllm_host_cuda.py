@@ -11,6 +11,9 @@ graph: it must route with the new tables and read the new weights.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -21,9 +24,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 from eplbd.geometry import Geometry  # noqa: E402
 from eplbd.placement import default_phy2log, log2phy_padded, replica_count  # noqa: E402
 from eplbd.policy import rebalance  # noqa: E402
+from eplbd_client.host import LayerTables  # noqa: E402
 from eplbd_vllm.host import VllmExpertHost  # noqa: E402
 
 KNUTH = 2654435769
+
+
+@contextlib.contextmanager
+def _sync_debug_error() -> Iterator[None]:
+    """Any synchronising CUDA call inside raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
 L, E, R, S, W = 2, 8, 4, 3, 1024  # W: vLLM pads the replica dimension to 1024
 P = R * S
 
@@ -95,7 +110,12 @@ def test_commit_reaches_a_captured_cuda_graph() -> None:
         row = row.astype(np.int32)
         # Weights first (the client does this), then the tables: both in place.
         w.copy_(torch.from_numpy(row.astype(np.float32)).cuda()[:, None].expand(P, 16))
-        host.commit_layer(layer, row, log2phy_padded(row[None], g1)[0], replica_count(row[None], g1)[0])
+        tables = LayerTables.build(
+            row, log2phy_padded(row[None], g1)[0], replica_count(row[None], g1)[0], host.device
+        )
+        torch.cuda.synchronize()
+        with _sync_debug_error():  # the commit itself is device-to-device: no host sync
+            host.commit_layer(layer, tables)
         graph.replay()
         torch.cuda.synchronize()
         want = _route_reference(topk_np, row, g1)

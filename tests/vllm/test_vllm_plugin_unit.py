@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from eplbd.placement import log2phy_padded, replica_count  # noqa: E402
+from eplbd_client.host import LayerTables  # noqa: E402
 from eplbd_vllm.hooks import (  # noqa: E402
     LayerCommit,
     register_routing_table_hook,
@@ -146,10 +147,11 @@ def test_commit_layer_writes_in_place_and_clears_old_replicas() -> None:
     register_routing_table_hook(seen.append)
     register_routing_table_hook(seen.append)  # once only
     try:
-        host.commit_layer(1, row, l2p, rc)
+        host.commit_layer(1, LayerTables.build(row, l2p, rc, host.device))
     finally:
         unregister_routing_table_hook(seen.append)
     assert seen and len(seen) == 1 and seen[0].layer == 1 and seen[0].model is ms.model
+    assert seen[0].tables is not None and seen[0].tables.phy2log_dev.tolist() == row.tolist()
     assert seen.append not in routing_table_hooks()
     assert [
         t.data_ptr()
@@ -161,7 +163,9 @@ def test_commit_layer_writes_in_place_and_clears_old_replicas() -> None:
     assert views[0][1].tolist()[:3] == [1, 7, -1] and views[1].tolist() == [4, 2, 1, 1]
     # Back to 2 replicas each: the columns used by the 4-replica layout must be cleared.
     row2 = np.array([0, 1, 2, 3, 3, 2, 1, 0], dtype=np.int32)
-    host.commit_layer(1, row2, log2phy_padded(row2[None], g1)[0], replica_count(row2[None], g1)[0])
+    host.commit_layer(
+        1, LayerTables.build(row2, log2phy_padded(row2[None], g1)[0], replica_count(row2[None], g1)[0], 'cpu')
+    )
     assert views[0][0, :3].tolist() == [0, 7, -1] and (views[0][:, 2:] == -1).all()
     assert host.commits == 2
 

@@ -14,7 +14,8 @@ between two forward steps (never concurrently with one):
     @register_routing_table_hook
     def update_ascend_tables(c: LayerCommit) -> None:
         layer = c.model.moe_layers[c.layer]
-        layer.my_expert_map[...].copy_(torch.from_numpy(c.phy2log_row))  # in place, graph-safe
+        # in place (graph-safe), device to device (no host sync on the forward thread)
+        layer.my_expert_map[...].copy_(c.tables.phy2log_dev)
 
 A hook may also be declared as an entry point in the group
 ``eplbd_vllm.routing_tables`` (``name = "pkg.module:function"``); the plugin
@@ -28,9 +29,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from eplbd_client.host import LayerTables
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -56,6 +60,9 @@ class LayerCommit:
     - ``log2phy`` [E, K] int32: replicas' physical slots, ascending, -1 padded.
     - ``replica_count`` [E] int32.
     - ``model``: vLLM's ``MixtureOfExperts`` model; ``model_state``: its ``EplbModelState``.
+    - ``tables``: the same tables already on the device (int64), for in-place
+      device-to-device copies (``eplbd_client.host.LayerTables``): a copy from
+      the numpy arrays to the device would make the forward thread wait.
     """
 
     layer: int
@@ -64,6 +71,7 @@ class LayerCommit:
     replica_count: np.ndarray
     model: Any
     model_state: Any
+    tables: LayerTables | None = None
 
 
 RoutingTableHook = Callable[[LayerCommit], None]

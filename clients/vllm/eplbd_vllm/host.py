@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplbd_client.host import LayerTables
+
 from .hooks import LayerCommit, routing_table_hooks
 
 __all__ = ["VllmExpertHost", "expert_bytes_of"]
@@ -65,7 +67,6 @@ class VllmExpertHost:
         # rewrites [0, max(old, new)) only, not all W (= 1024) columns.
         rc = model_state.logical_replica_count
         self._used = [int(v) for v in rc.max(dim=1).values.cpu().tolist()]
-        self._l2p_host = torch.full((E, W), -1, dtype=ltp.dtype)
         self.commits = 0
 
     # ExpertHost ------------------------------------------------------------
@@ -81,32 +82,31 @@ class VllmExpertHost:
         """vLLM's live expert tensors of ``layer``, each [S, ...]."""
         return self.model.expert_weights[layer]
 
-    def commit_layer(
-        self, layer: int, phy2log_row: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray
-    ) -> None:
+    def commit_layer(self, layer: int, tables: LayerTables) -> None:
         """Switch ``layer`` in vLLM's maps in place, then in any platform tables.
 
-        phy2log_row [P], log2phy [E, K] (-1 padded, ascending), replica_count [E], int32.
+        Device-to-device ``copy_`` / ``fill_`` into vLLM's storages (graph-safe,
+        queued on the current stream: no host sync); only the columns of
+        ``logical_to_physical_map`` that held or now hold a replica are written.
         """
         ms = self.model_state
-        E, K = log2phy.shape
+        E, K = tables.log2phy.shape
         if E != self._E or K > self._W:
             raise ValueError(
-                f"log2phy of shape {log2phy.shape} does not fit vLLM's map [{self._E}, {self._W}]"
+                f"log2phy of shape {tables.log2phy.shape} does not fit vLLM's map [{self._E}, {self._W}]"
             )
-        w = max(K, self._used[layer])
-        buf = self._l2p_host[:, :w]
-        buf.fill_(-1)
-        buf[:, :K].copy_(torch.from_numpy(np.ascontiguousarray(log2phy)))
-        # copy_ converts dtype and device and keeps the destination storage (graph-safe).
-        ms.physical_to_logical_map[layer].copy_(torch.from_numpy(np.ascontiguousarray(phy2log_row)))
-        ms.logical_to_physical_map[layer, :, :w].copy_(buf)
-        ms.logical_replica_count[layer].copy_(torch.from_numpy(np.ascontiguousarray(replica_count)))
+        ms.physical_to_logical_map[layer].copy_(tables.phy2log_dev)
+        ms.logical_to_physical_map[layer, :, :K].copy_(tables.log2phy_dev)
+        if self._used[layer] > K:  # columns a wider table used before
+            ms.logical_to_physical_map[layer, :, K : self._used[layer]].fill_(-1)
+        ms.logical_replica_count[layer].copy_(tables.replica_count_dev)
         self._used[layer] = K
         self.commits += 1
         hooks = routing_table_hooks()
         if hooks:
-            c = LayerCommit(layer, phy2log_row, log2phy, replica_count, self.model, ms)
+            c = LayerCommit(
+                layer, tables.phy2log, tables.log2phy, tables.replica_count, self.model, ms, tables
+            )
             for fn in hooks:
                 fn(c)
 
