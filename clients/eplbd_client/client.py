@@ -401,8 +401,9 @@ class _RecvBuf:
 class _Worker:
     """One thread running jobs in submission order."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, init: Callable[[], None] | None = None) -> None:
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._init = init
         self._t = threading.Thread(target=self._loop, name=name, daemon=True)
         self._t.start()
 
@@ -410,6 +411,8 @@ class _Worker:
         self._q.put(fn)
 
     def _loop(self) -> None:
+        if self._init is not None:
+            self._init()
         while True:
             fn = self._q.get()
             if fn is None:
@@ -623,6 +626,7 @@ class EplbClient:
         self._pending: tuple[Any, Any, tuple[int, int, int, int, np.ndarray] | None, _RecvBuf] | None = None
         self._comm_stream = self.dev.new_stream()
         self._xfer_stream = self.dev.new_stream()
+        self._sync_ev: Any = None  # the forward event of the sync being processed
         self._step = 0
 
         # Process group for p2p, used by the worker thread only.
@@ -686,8 +690,10 @@ class EplbClient:
         self._exec_err = 0
         self._abort_req = False
         self._closed = False
-        self._worker = _Worker(f"eplbd-worker-r{self.rank}")
-        self._pub: _Worker | None = _Worker(f"eplbd-publisher-r{self.rank}") if self.is_leader else None
+        self._worker = _Worker(f"eplbd-worker-r{self.rank}", self.dev.bind_thread)
+        self._pub: _Worker | None = (
+            _Worker(f"eplbd-publisher-r{self.rank}", self.dev.bind_thread) if self.is_leader else None
+        )
         # The sync thread: takes (sync index, window meta, forward event) per sync.
         self._n = 0  # next sync index (forward thread)
         self._ctl_error: BaseException | None = None
@@ -874,6 +880,7 @@ class EplbClient:
     def _ctl_loop(self) -> None:
         """The sync thread: one sync's work per item, in order."""
         q, tt = self._ctl_q, time.thread_time_ns
+        self.dev.bind_thread()
         while True:
             item = q.get()
             if item is None:
@@ -897,6 +904,10 @@ class EplbClient:
         st.sync = n
         ws.syncs = n
         ws.last_collective_ns = 0
+        # The forward stream's event of this sync (after every commit applied so far): a
+        # plan started now stages after it. Recording one here instead would mark this
+        # thread's current stream, not necessarily the engine's.
+        self._sync_ev = ev
         if self._held:
             # Sync n-1's publisher jobs (its decision's status/placement writes, then
             # window n-2): the forward thread has applied that decision since.
@@ -1085,6 +1096,7 @@ class EplbClient:
                     self.capacity,
                     self.config.p2p_timeout_s,
                     stream=self._xfer_stream,
+                    start_event=self._sync_ev,
                     pace_rounds_per_step=self.config.transfer_rounds_per_step,
                     # The forward thread's own step counter, read by the worker without a lock.
                     step_clock=lambda: self._step,

@@ -23,10 +23,22 @@ class DeviceOps:
     """Streams and events of one device, or no-ops on CPU."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        mod = getattr(torch, self.device.type, None) if self.device.type != "cpu" else None
+        dev = torch.device(device)
+        mod = getattr(torch, dev.type, None) if dev.type != "cpu" else None
         # Only use the module if it really has streams (cuda, npu, xpu...).
         self._mod: Any = mod if mod is not None and hasattr(mod, "Stream") and hasattr(mod, "Event") else None
+        if self._mod is not None and dev.index is None:
+            # "cuda" means the creating (forward) thread's current device: pin it down now,
+            # other threads start on device 0.
+            dev = torch.device(dev.type, self._mod.current_device())
+        self.device = dev
+
+    def bind_thread(self) -> None:
+        """Make the device current on the calling thread. A new thread starts on device 0:
+        without this, a rank on GPU 3 would make contexts and pinned memory on GPU 0 from
+        its helper threads. No-op on CPU."""
+        if self._mod is not None and hasattr(self._mod, "set_device"):
+            self._mod.set_device(self.device)
 
     @property
     def has_streams(self) -> bool:

@@ -180,6 +180,7 @@ class PlanTransfer:
         p2p_timeout_s: float,
         stream: Any = None,
         *,
+        start_event: Any = None,
         pace_rounds_per_step: float = 0.0,
         step_clock: Callable[[], int] | None = None,
         max_layer_steps: int = 0,
@@ -223,8 +224,9 @@ class PlanTransfer:
         self._cond = threading.Condition()
         self.done_event = threading.Event()
         # Live weights were last written on the forward stream (earlier commits):
-        # the staging stream must not read them before those writes land.
-        self._start_event = dev.record_event()
+        # the staging stream must not read them before those writes land. The caller
+        # passes an event of the forward stream when it is not on the forward thread.
+        self._start_event = start_event if start_event is not None else dev.record_event()
         self.stage_seconds: list[float] = []  # wall time per staged layer (for stats)
         # Pacing (see the module docstring): units per changed layer [n], from the plan alone.
         self.pace_units = (
