@@ -17,11 +17,16 @@ under every placement, and the output equals :meth:`TinyMoE.reference_forward`
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
+import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -300,10 +305,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stack_file(port: int, rank: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"eplbd-launch-{port}-r{rank}.stacks")
+
+
 def _child(
     fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], q: Any, backend: str
 ) -> None:
     try:
+        # On SIGUSR1 (launch's timeout), every thread's stack goes to a file the parent reads.
+        stacks = open(_stack_file(port, rank), "w")  # noqa: SIM115 (lives as long as the process)
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
         torch.set_num_threads(1)
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -314,6 +326,10 @@ def _child(
         q.put((rank, False, traceback.format_exc()))
     finally:
         try:
+            # put() hands the pickle to a feeder thread: flush it before os._exit, or a
+            # large result can be lost with the process (the parent then waits in vain).
+            q.close()
+            q.join_thread()
             if dist.is_initialized():
                 dist.destroy_process_group()
         finally:
@@ -364,11 +380,25 @@ def launch(
         while len(results) + len(errors) + sum(1 for r in may_die if procs[r].exitcode is not None) < world:
             left = deadline - _time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"launch: only {len(results)} of {world} ranks finished in {timeout} s")
+                missing = [r for r in range(world) if r not in results and procs[r].is_alive()]
+                gone = [
+                    f"{r} (exit status {procs[r].exitcode})"
+                    for r in range(world)
+                    if r not in results and r not in may_die and procs[r].exitcode is not None
+                ]
+                raise TimeoutError(
+                    f"launch: only {len(results)} of {world} ranks reported in {timeout} s; "
+                    f"still running: {missing}; exited without a result: {gone or 'none'}"
+                    f"{_dump_stacks(procs, missing, port)}"
+                )
             try:
                 rank, ok, out = q.get(timeout=min(left, 1.0))
             except _queue.Empty:
-                died = any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in may_die)
+                died = any(
+                    p.exitcode not in (None, 0) or (p.exitcode == 0 and r not in results)
+                    for r, p in enumerate(procs)
+                    if r not in may_die
+                )
                 if errors or died:
                     # A rank died without reporting (or another failed): give the rest a moment.
                     deadline = min(deadline, _time.monotonic() + 5)
@@ -384,11 +414,30 @@ def launch(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=2)
+        for r in range(world):
+            with contextlib.suppress(OSError):
+                os.unlink(_stack_file(port, r))
     if side is not None:
         side.join(timeout=10)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results.get(r) for r in range(world)]
+
+
+def _dump_stacks(procs: Sequence[Any], ranks: Sequence[int], port: int) -> str:
+    """Every thread's Python stack of the ``ranks`` still running (for a timeout's message)."""
+    for r in ranks:
+        with contextlib.suppress(Exception):
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    out = []
+    for r in ranks:
+        try:
+            with open(_stack_file(port, r)) as f:
+                out.append(f"\n--- rank {r} (pid {procs[r].pid}), every thread:\n{f.read()}")
+        except OSError as e:
+            out.append(f"\n--- rank {r}: no stacks ({e})")
+    return "".join(out)
 
 
 def launch_with_driver(
