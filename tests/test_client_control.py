@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, log2phy_padded
 from eplbd_client import control as C
 from eplbd_client.device import DeviceOps
-from eplbd_client.host import LayerTables
+from eplbd_client.host import LayerTables, check_host
 from eplbd_client.recorder import LoadRecorder
 from eplbd_client.testing import TinyMoE
 from eplbd_client.transfer import TransferError, staging_gates
@@ -208,6 +211,20 @@ def test_layer_tables_are_independent_device_copies() -> None:
     assert moved.dtype == torch.int64 and moved.tolist() == [0, 1, 2, 0]
     same = torch.arange(3)
     assert DeviceOps("cpu").to_device(same).data_ptr() != same.data_ptr()
+
+
+def test_check_host_names_what_is_wrong() -> None:
+    g = Geometry(1, 4, 1, 4)
+    check_host(TinyMoE(g, 0, distributed=False))
+
+    class OldSeam(TinyMoE):
+        def commit_layer(self, layer: int, phy2log_row: Any, log2phy: Any, replica_count: Any) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TypeError, match=r"commit_layer.*must take \(layer, tables"):
+        check_host(OldSeam(g, 0, distributed=False))
+    with pytest.raises(TypeError, match="has no expert_weights, commit_layer"):
+        check_host(SimpleNamespace(num_moe_layers=1, device="cpu"))
 
 
 def test_tiny_moe_single_rank_matches_reference() -> None:

@@ -84,7 +84,7 @@ from eplbd.shm import (
 
 from . import control as C
 from .device import DeviceOps
-from .host import ExpertHost
+from .host import ExpertHost, check_host
 from .recorder import LoadRecorder
 from .transfer import PlanTransfer, TransferError
 
@@ -477,6 +477,7 @@ class EplbClient:
         self.world = dist.get_world_size(group)
         if self.world != g.num_ranks:
             raise ValueError(f"EP group has {self.world} ranks, geometry says {g.num_ranks}")
+        check_host(host)
         if host.num_moe_layers != g.num_layers:
             raise ValueError(f"host has {host.num_moe_layers} MoE layers, geometry says {g.num_layers}")
         L, S = g.num_layers, g.slots_per_rank

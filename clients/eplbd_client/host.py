@@ -9,13 +9,14 @@ S local slots per rank, P = R*S physical slots, K = max replicas per expert.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["ExpertHost", "LayerTables"]
+__all__ = ["ExpertHost", "LayerTables", "check_host"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,3 +97,24 @@ class ExpertHost(Protocol):
     def commit_layer(self, layer: int, tables: LayerTables) -> None:
         """Switch ``layer``'s routing tables to ``tables`` (in place, device-to-device)."""
         ...
+
+
+def check_host(host: object) -> None:
+    """Raise TypeError naming what ``host`` lacks of :class:`ExpertHost`.
+
+    Checked once, when the client is made: a mistake found at the first commit would
+    leave a layer's new weights in place under its old routing tables."""
+    members = ("num_moe_layers", "device", "expert_weights", "commit_layer")
+    missing = [m for m in members if not hasattr(host, m)]
+    if missing:
+        raise TypeError(f"{type(host).__name__} is not an ExpertHost: it has no {', '.join(missing)}")
+    try:
+        inspect.signature(host.commit_layer).bind(0, None)  # type: ignore[attr-defined]
+    except TypeError:
+        sig = inspect.signature(host.commit_layer)  # type: ignore[attr-defined]
+        raise TypeError(
+            f"{type(host).__name__}.commit_layer{sig} must take (layer, tables): the routing "
+            "tables come as one eplbd_client.host.LayerTables (host and device copies)"
+        ) from None
+    except ValueError:  # no signature (a builtin): trust it
+        pass
