@@ -9,7 +9,8 @@ import pytest
 
 from eplbd.geometry import Geometry
 from eplbd_client import ClientConfig, EplbClient
-from eplbd_client.testing import NullHost, TinyMoE, launch
+from eplbd_client.host import LayerTables
+from eplbd_client.testing import NullHost, PlanDriver, TinyMoE, launch, launch_with_driver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +118,50 @@ def test_a_killed_rank_fails_the_others_steps_promptly(shm_prefix: str) -> None:
         assert "sync thread failed at sync" in r["err"] and "RuntimeError" in r["err"], r
         assert r["t_err"] < 15.0, r
         assert r["close_s"] < 15.0, r
+
+
+class _CommitFails(TinyMoE):
+    """A host whose second layer commit raises (after the client copied that layer's weights)."""
+
+    def commit_layer(self, layer: int, tables: LayerTables) -> None:
+        if self.commits == 1:
+            raise OSError("injected: the platform's table update failed")
+        super().commit_layer(layer, tables)
+
+
+def _failing_commit(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    model = _CommitFails(G1, rank, tokens=16, seed=2)
+    client = EplbClient(
+        model, G1, spec["domain"], config=ClientConfig(sync_interval=2, sync_thread=spec["threaded"])
+    )
+    errors: list[tuple[int, str, str, float]] = []
+    for step in range(400):
+        model.forward(step, client.record)
+        t0 = time.perf_counter()
+        try:
+            client.step()
+        except RuntimeError as e:
+            errors.append((step, str(e), repr(e.__cause__), time.perf_counter() - t0))
+            if len(errors) == 2:
+                break
+    t0 = time.perf_counter()
+    client.close()
+    return {"errors": errors, "close_s": time.perf_counter() - t0, "commits": model.commits}
+
+
+@pytest.mark.parametrize("threaded", [True, False], ids=["sync-thread", "inline"])
+def test_a_failed_commit_stops_the_client(shm_prefix: str, threaded: bool) -> None:
+    """The host's commit_layer raises half-way through a plan: step() raises an error that
+    says the layer may be inconsistent, with the host's error as its cause, and every later
+    sync raises the same at once (the engine cannot go on serving by mistake); close() is prompt."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G1, plans=1, source="random", seed=5)
+    spec = {"domain": name, "threaded": threaded}
+    (r,) = launch_with_driver(_failing_commit, 1, spec, driver=driver, timeout=50)
+    errs = r["errors"]
+    assert len(errs) == 2, errs
+    (s1, msg1, cause1, _), (s2, msg2, cause2, dt2) = errs
+    assert "committing plan" in msg1 and "must stop serving" in msg1, msg1
+    assert "injected: the platform's table update failed" in cause1 and "OSError" in cause1
+    assert s2 == s1 + 2 and msg2 == msg1 and cause2 == cause1 and dt2 < 0.5
+    assert r["commits"] == 1 and r["close_s"] < 5.0

@@ -698,6 +698,7 @@ class EplbClient:
         # The sync thread: takes (sync index, window meta, forward event) per sync.
         self._n = 0  # next sync index (forward thread)
         self._ctl_error: BaseException | None = None
+        self._failed: RuntimeError | None = None  # raised by every step() after a sync failed
         self._ctl_error_sync = -1
         self._waits = 0
         # Held while the sync thread works on a sync (acquired by the forward thread at
@@ -776,10 +777,27 @@ class EplbClient:
             return
         if self._closed:
             raise RuntimeError(f"eplbd_client rank {self.rank}: step() after close()")
-        if self._threaded:
-            self._handoff()
-        else:
-            self._sync_inline()
+        if self._failed is not None:
+            raise self._failed  # the same error, at once, at every sync after the first
+        try:
+            if self._threaded:
+                self._handoff()
+            else:
+                self._sync_inline()
+        except BaseException as e:
+            # A sync that raised may have stopped half-way (a commit, the collective's
+            # bookkeeping): this client is done; the engine must not go on with it.
+            if isinstance(e, RuntimeError) and str(e).startswith("eplbd_client"):
+                self._failed = e
+                raise
+            self._failed = RuntimeError(
+                f"eplbd_client rank {self.rank}: the sync of step {self._step} failed: "
+                f"{type(e).__name__}: {e}"
+            )
+            self._failed.__cause__ = e
+            if isinstance(e, Exception):
+                raise self._failed from e
+            raise  # KeyboardInterrupt and the like stay what they are
 
     def _window_meta(self, n: int) -> tuple[int, int, int, int, np.ndarray] | None:
         """(leader) Window n's id, steps and the placement in force while it was recorded:
@@ -835,7 +853,11 @@ class EplbClient:
         n = self._n
         meta = self._window_meta(n)
         if self._actions:
-            self._run_actions()
+            try:
+                self._run_actions()
+            except BaseException:
+                free.release()  # nothing was handed over: the sync thread stays idle (close)
+                raise
         if self._dirty:
             self._adopt()
         elif not n & 63:  # the counters that change without a decision, now and then
@@ -852,8 +874,19 @@ class EplbClient:
     def _run_actions(self) -> None:
         """Forward thread: the commits the sync thread decided at the previous sync."""
         for xfer, upto in self._actions:
-            xfer.commit(upto)
+            self._commit_layers(xfer, upto)
         self._actions.clear()
+
+    def _commit_layers(self, xfer: PlanTransfer, upto: int) -> None:
+        """Forward thread: copy staged layers into their slots and switch their tables."""
+        try:
+            xfer.commit(upto)
+        except BaseException as e:
+            raise RuntimeError(
+                f"eplbd_client rank {self.rank}: committing plan {xfer.plan.plan_id} failed: "
+                f"{type(e).__name__}: {e}; a layer may now hold new weights under its old "
+                "routing tables: this rank must stop serving"
+            ) from e
 
     def _in_force(self) -> None:
         """Forward thread, decisions applied: the forward pass now runs the agreed placement."""
@@ -1165,7 +1198,7 @@ class EplbClient:
         if self._threaded:
             self._actions.append((xfer, upto))  # the forward thread copies at the next sync
         else:
-            xfer.commit(upto)
+            self._commit_layers(xfer, upto)
         st.committed = upto
         st.last_progress_sync = st.sync
         self._ws.layers_committed += len(layers)
@@ -1378,7 +1411,7 @@ class EplbClient:
             self._free.acquire(timeout=self.config.gather_timeout_s + 5)
             self._ctl_q.put(None)
             self._ctl.join(timeout=10)
-            if self._ctl_error is None:
+            if self._ctl_error is None and self._failed is None:
                 # What every rank agreed at the last sync: applied here too, so that the
                 # weights, the tables, the shm placement and the stats agree.
                 self._run_actions()
