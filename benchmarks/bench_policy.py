@@ -1,6 +1,6 @@
 """Placement-policy benchmark: greedy (DeepSeek-style) vs moveaware, held-out replay and speed.
 
-    .venv/bin/python benchmarks/bench_policy.py [TRACE.npy ...] [--json] [--quick]
+    .venv/bin/python benchmarks/bench_policy.py [TRACE.npy ...] [--json] [--quick] [--tradeoff]
 
 1. **Held-out replay** (``eplbd.replay.replay``: window t is served by the plan
    made from the windows before it) on the DeepSeek-V3 shape with the
@@ -28,6 +28,15 @@ max(mean rank load, min over replica counts of the largest per-replica load)
 of that very window (:func:`eplbd.placement.peak_lower_bound`): how far the
 held-out peak is above what any placement, even one fitted in hindsight, must
 carry.
+
+Reference rows (synthetic trace only; ``--no-references`` skips them): the
+from-scratch greedy as the field runs it, β measured on the same geometry
+(β depends only on the ranks): ``greedy-hier/sum`` (DeepSeek's hierarchical
+algorithm on the sum of the windows, as vLLM's default), ``greedy-global/sum``
+(one global packing over all ranks, as SGLang's global variant) and
+``greedy-global/<forecast>`` (the same with the forecast the other rows use).
+``--tradeoff`` adds moveaware rows at fixed (``slack``, ``repair_tolerance``)
+pairs instead of the fitted slack (β against moves, :data:`TRADEOFF`).
 """
 
 from __future__ import annotations
@@ -55,6 +64,15 @@ from eplbd.replay import replay, validate_trace  # noqa: E402
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace  # noqa: E402
 
 POLICIES = ("greedy", "moveaware")
+#: (row name, forecast or None for the run's own, greedy options): the field's from-scratch baselines.
+REFERENCES: tuple[tuple[str, str | None, dict], ...] = (
+    ("greedy-hier/sum", "sum", {}),
+    ("greedy-global/sum", "sum", {"hierarchical": False}),
+    ("greedy-global/{fc}", None, {"hierarchical": False}),
+)
+#: moveaware (``slack``, ``repair_tolerance``) of the ``--tradeoff`` rows (fixed, not fitted to the
+#: history): the repair's local search stops at max((1 + slack) x mean, (1 + repair_tolerance) x bound).
+TRADEOFF = ((0.08, 0.04), (0.06, 0.04), (0.045, 0.04), (0.03, 0.04), (0.02, 0.02), (0.0, 0.01), (0.0, 0.0))
 
 
 def geometry_for(L: int, E: int) -> Geometry:
@@ -81,21 +99,52 @@ def run_replays(
         kwp = dict(kw)
         if pol != "moveaware":
             kwp.pop("options", None)
-        res = replay(trace, g, pol, interval, history, fc, **kwp)  # type: ignore[arg-type]
-        s = res.summary()
-        # Split check against tuning on the figures reported: β over the first
-        # and the second half of the held-out windows, separately.
-        held = res.beta[res.first_window :]
-        h = held.size // 2
-        s["beta_half1"], s["beta_half2"] = float(held[:h].mean()), float(held[h:].mean())
-        # Policy wall time per plan at steady state (the first plan, which places
-        # every layer from scratch, left out).
-        steady = res.plan_ms[1:]
-        s["plan_ms_steady_median"] = float(np.median(steady)) if steady else float("nan")
-        s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
-                 f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
-        rows.append(s)
+        rows.append(_replay_row(name, trace, g, pol, interval, history, fc, **kwp))
     return rows
+
+
+def reference_rows(name: str, trace: np.ndarray, g: Geometry, interval: int, history: int, fc: str,
+                   min_gain: float) -> list[dict]:  # fmt: skip
+    """The :data:`REFERENCES` rows: greedy from scratch as the field runs it, on geometry ``g``."""
+    rows = []
+    for label, rfc, opts in REFERENCES:
+        f = fc if rfc is None else rfc
+        r = _replay_row(name, trace, g, "greedy", interval, history, f, options=opts, min_gain=min_gain)
+        r["policy"] = label.format(fc=f)
+        rows.append(r)
+    return rows
+
+
+def tradeoff_rows(name: str, trace: np.ndarray, g: Geometry, interval: int, history: int, fc: str,
+                  min_gain: float, options: dict) -> list[dict]:  # fmt: skip
+    """moveaware at each fixed (slack, repair_tolerance) of :data:`TRADEOFF`: held-out β against moves."""
+    rows = []
+    for sl, rt in TRADEOFF:
+        opts = {**options, "slack": sl, "repair_tolerance": rt}
+        r = _replay_row(name, trace, g, "moveaware", interval, history, fc, options=opts, min_gain=min_gain)
+        r["policy"] = f"moveaware s={sl:g} rt={rt:g}"
+        rows.append(r)
+    return rows
+
+
+def _replay_row(
+    name: str, trace: np.ndarray, g: Geometry, pol: str, interval: int, history: int, fc: str, **kwp: object
+) -> dict:
+    """One held-out replay's summary with the bench's extra figures."""
+    res = replay(trace, g, pol, interval, history, fc, **kwp)  # type: ignore[arg-type]
+    s = res.summary()
+    # Split check against tuning on the figures reported: β over the first
+    # and the second half of the held-out windows, separately.
+    held = res.beta[res.first_window :]
+    h = held.size // 2
+    s["beta_half1"], s["beta_half2"] = float(held[:h].mean()), float(held[h:].mean())
+    # Policy wall time per plan at steady state (the first plan, which places
+    # every layer from scratch, left out).
+    steady = res.plan_ms[1:]
+    s["plan_ms_steady_median"] = float(np.median(steady)) if steady else float("nan")
+    s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
+             f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
+    return s
 
 
 def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = True) -> dict:
@@ -190,14 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-synthetic", action="store_true", help="skip the synthetic DeepSeek-like replay")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    ap.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the synthetic reference rows (greedy hierarchical/global, sum/forecast)",
+    )
+    ap.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="synthetic: add moveaware rows at fixed (slack, repair_tolerance) pairs (β against moves)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.repeats = 60, 5
     g = Geometry.deepseek_v3()
     synth = drifting_trace(args.windows, g.num_layers, g.num_experts, args.seed, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
     kw = {"adaptive": not args.fixed_slack, "min_gain": args.min_gain, "options": _options(args.option)}
-    rows = [] if args.no_synthetic else run_replays("synthetic-deepseek-v3", synth, g, 10, 10, args.forecast,
-                                                    **kw)  # fmt: skip
+    sname = "synthetic-deepseek-v3"
+    rows = [] if args.no_synthetic else run_replays(sname, synth, g, 10, 10, args.forecast, **kw)
+    if not args.no_synthetic and not args.no_references:
+        rows += reference_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain)
+    if not args.no_synthetic and args.tradeoff:
+        rows += tradeoff_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain, kw["options"])  # type: ignore[arg-type]
     skipped = []
     for path in args.traces:
         name = Path(path).parent.name or Path(path).stem
@@ -227,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{x['cpu_ms_median']:.2f}); per-layer Python loop {x['per_layer_loop_ms_median']:.1f} ms "
               f"-> {x['speedup']:.1f}x")  # fmt: skip
     for r in rows:
-        if r["trace"] == "synthetic-deepseek-v3":
+        if r["trace"] == "synthetic-deepseek-v3" and r["policy"] in POLICIES:
             print(f"  synthetic replay, steady plans: {r['policy']:<10} {r['plan_ms_steady_median']:.2f} ms "
                   "median (policy call incl. the adaptive slack estimate, wall time)")  # fmt: skip
     by = {(r["trace"], r["policy"]): r for r in rows}
@@ -243,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             f"  {tname:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
             f"first plan {a['plan_ms_max']:.0f} ms"
         )
+    refs = [r for r in rows if r["trace"] == sname and r["policy"].startswith("greedy-")]
+    if refs:
+        a = by[(sname, "moveaware")]
+        print("\nsynthetic: moveaware vs each reference (same line format; moves: moveaware / reference):")
+        for b in refs:
+            ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
+            d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
+            print(f"  {b['policy']:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}")
     return 0
 
 

@@ -127,8 +127,11 @@ def test_bad_current_and_policy_and_options() -> None:
         rebalance(w, None, g, "nope")
     with pytest.raises(TypeError, match="unknown option"):
         rebalance(w, None, g, "moveaware", bogus=1)
-    with pytest.raises(TypeError, match="no options"):
+    with pytest.raises(TypeError, match=r"policy 'greedy': unknown option\(s\) \['min_gain'\]"):
         rebalance(w, None, g, "greedy", min_gain=0.1)
+    for bad_value in (0.5, "no", 2):
+        with pytest.raises(TypeError, match="hierarchical must be true/false"):
+            rebalance(w, None, g, "greedy", hierarchical=bad_value)
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -220,6 +223,26 @@ def test_greedy_packs_groups_onto_nodes() -> None:
         assert groups_here.size <= g.num_layers * (g.num_groups // g.num_nodes)
         for layer in range(g.num_layers):
             assert np.unique(group_of[layer, node_of_slot == n]).size == g.num_groups // g.num_nodes
+
+
+def test_greedy_global_option() -> None:
+    # hierarchical=False (SGLang's global variant) is exactly the packing of the
+    # same geometry on one node: it ignores groups and nodes; the default
+    # (True, or 1 as parsed from KEY=VALUE) still packs groups onto nodes.
+    g = Geometry(3, 32, 8, 5, num_nodes=2, num_groups=4)
+    g1 = Geometry(3, 32, 8, 5, num_nodes=1, num_groups=4)
+    w = drifting_trace(1, 3, 32, seed=5)[0].astype(float)
+    glob = rebalance(w, None, g, "greedy", hierarchical=False)
+    validate_phy2log(glob, g)
+    assert np.array_equal(glob, greedy(w, g1))
+    assert np.array_equal(rebalance(w, None, g, "greedy", hierarchical=0), glob)
+    hier = rebalance(w, None, g, "greedy")
+    assert np.array_equal(hier, greedy(w, g))
+    assert np.array_equal(rebalance(w, None, g, "greedy", hierarchical=1), hier)
+    assert np.array_equal(rebalance(w, None, g, "greedy", hierarchical=np.bool_(False)), glob)
+    assert not np.array_equal(hier, glob)
+    # Global packing is not bound to nodes: never a higher peak than the hierarchical one here.
+    assert rank_loads(w, glob, g).max(axis=1).sum() <= rank_loads(w, hier, g).max(axis=1).sum() + 1e-9
 
 
 def test_greedy_ignores_current() -> None:

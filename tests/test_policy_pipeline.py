@@ -194,7 +194,7 @@ def _slack_reference(win: np.ndarray, cur: np.ndarray, g: Geometry) -> float:
     if not live.any():
         return NO_ESTIMATE_SLACK
     dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
-    return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))
+    return float(np.clip(0.35 * dev.mean(), 0.005, 0.08))
 
 
 def test_pipeline_slack_equals_suggest_slack() -> None:

@@ -16,6 +16,11 @@ Written from the algorithm's published description, vectorised over layers:
 
 It ignores the placement in force, so nearly every slot changes on every
 plan: the baseline the move-aware policy is measured against.
+
+``hierarchical=False`` skips step 1 even where it applies: one global
+replication and packing over all ranks, as SGLang's "global" variant of
+DeepSeek's algorithm does (what vLLM's default does with one node). Packing
+is then unconstrained by nodes, which balances better but ignores topology.
 """
 
 from __future__ import annotations
@@ -75,16 +80,18 @@ def _place(w: np.ndarray, experts: np.ndarray, ranks: int, S: int, E: int) -> np
     return out
 
 
-def greedy(loads: np.ndarray, g: Geometry) -> np.ndarray:
+def greedy(loads: np.ndarray, g: Geometry, hierarchical: bool = True) -> np.ndarray:
     """From-scratch placement [L, P] int32 for loads [L, E] (float64, validated by the caller).
 
     The number of layers is taken from ``loads`` (so a per-layer loop can call
     this with one layer at a time); the rest of the shape from ``g``.
+    ``hierarchical``: pack groups onto nodes where :func:`hierarchical_feasible`
+    (the default, DeepSeek's and vLLM's); False: global, over all ranks at once.
     """
     w = np.asarray(loads, dtype=np.float64)
     L, E = w.shape
     S, R, N = g.slots_per_rank, g.num_ranks, g.num_nodes
-    if hierarchical_feasible(g):
+    if hierarchical and hierarchical_feasible(g):
         G = g.num_groups
         epg = E // G
         gw = w.reshape(L, G, epg).sum(axis=2)

@@ -62,6 +62,11 @@ DEFAULT_FORECAST_ALPHA = 0.3
 DEFAULT_MIN_GAIN = 0.0
 #: Whether moveaware's ``slack`` is fitted to the history (:func:`eplbd.policy.suggest_slack`).
 DEFAULT_ADAPTIVE = True
+#: :func:`eplbd.policy.suggest_slack`: slack = clip(SLACK_PER_ERROR x forecast error, SLACK_MIN, SLACK_MAX).
+#: 0.35: the DeepSeek-like synthetic trace (forecast error ~0.14) gets slack ~0.049, which keeps
+#: moveaware's remote moves per plan within 10% of the from-scratch greedy's (benchmarks/README.md).
+SLACK_PER_ERROR = 0.35
+SLACK_MIN, SLACK_MAX = 0.005, 0.08
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +166,7 @@ def _suggest_slack_validated(x: np.ndarray, cur: np.ndarray, g: Geometry) -> flo
     if not live.any():
         return NO_ESTIMATE_SLACK
     dev = np.abs(a[live] / am[live] - f[live] / fm[live]).max(axis=1)
-    return float(np.clip(0.45 * dev.mean(), 0.005, 0.08))
+    return float(np.clip(SLACK_PER_ERROR * dev.mean(), SLACK_MIN, SLACK_MAX))
 
 
 def scenarios(windows: np.ndarray, predicted: np.ndarray) -> np.ndarray:

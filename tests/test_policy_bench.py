@@ -1,0 +1,57 @@
+"""benchmarks/bench_policy.py: the reference rows are the baselines they are named after."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from eplbd.geometry import Geometry
+from eplbd.replay import replay
+from eplbd.synthetic import drifting_trace
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_policy.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_policy", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_rows_are_the_named_baselines(bench: ModuleType) -> None:
+    g = Geometry(3, 32, 8, 5, num_nodes=2, num_groups=4)  # groups pack onto nodes
+    tr = drifting_trace(25, 3, 32, seed=3)
+    rows = bench.reference_rows("t", tr, g, 5, 5, "auto", 0.0)
+    assert [r["policy"] for r in rows] == ["greedy-hier/sum", "greedy-global/sum", "greedy-global/auto"]
+    assert [r["forecast"] for r in rows] == ["sum", "sum", "auto"]
+    # Global = the same greedy on a one-node geometry (β depends on the ranks only),
+    # hierarchical = the default greedy; moves are counted on the real geometry.
+    g1 = Geometry(3, 32, 8, 5, num_nodes=1, num_groups=4)
+    for r, (geo, fc) in zip(rows, ((g, "sum"), (g1, "sum"), (g1, "auto")), strict=True):
+        want = replay(tr, geo, "greedy", 5, 5, fc).summary()
+        assert r["beta_mean"] == pytest.approx(want["beta_mean"], abs=1e-12)
+        assert r["moves_remote_total"] == want["moves_remote_total"]
+        assert r["geometry"].endswith("N2 G4")
+    assert rows[0]["beta_mean"] != rows[1]["beta_mean"]
+    held = [r["beta_half1"] for r in rows] + [r["beta_half2"] for r in rows]
+    assert np.isfinite(held).all()
+
+
+def test_tradeoff_rows_use_fixed_settings(bench: ModuleType) -> None:
+    g = Geometry(2, 16, 4, 5)
+    tr = drifting_trace(15, 2, 16, seed=4)
+    rows = bench.tradeoff_rows("t", tr, g, 5, 5, "sum", 0.0, {})
+    assert len(rows) == len(bench.TRADEOFF)
+    for r, (sl, rt) in zip(rows, bench.TRADEOFF, strict=True):
+        opts = {"slack": sl, "repair_tolerance": rt}
+        want = replay(tr, g, "moveaware", 5, 5, "sum", options=opts).summary()
+        assert r["beta_mean"] == want["beta_mean"]
+        assert r["moves_remote_total"] == want["moves_remote_total"]
+        assert r["policy"] == f"moveaware s={sl:g} rt={rt:g}"
