@@ -144,9 +144,10 @@ def _failing_commit(rank: int, world: int, spec: dict[str, Any]) -> dict[str, An
             errors.append((step, str(e), repr(e.__cause__), time.perf_counter() - t0))
             if len(errors) == 2:
                 break
+    failed = client.status()["failed"]
     t0 = time.perf_counter()
     client.close()
-    return {"errors": errors, "close_s": time.perf_counter() - t0, "commits": model.commits}
+    return {"errors": errors, "close_s": time.perf_counter() - t0, "commits": model.commits, "failed": failed}
 
 
 @pytest.mark.parametrize("threaded", [True, False], ids=["sync-thread", "inline"])
@@ -164,4 +165,4 @@ def test_a_failed_commit_stops_the_client(shm_prefix: str, threaded: bool) -> No
     assert "committing plan" in msg1 and "must stop serving" in msg1, msg1
     assert "injected: the platform's table update failed" in cause1 and "OSError" in cause1
     assert s2 == s1 + 2 and msg2 == msg1 and cause2 == cause1 and dt2 < 0.5
-    assert r["commits"] == 1 and r["close_s"] < 5.0
+    assert r["commits"] == 1 and r["close_s"] < 5.0 and r["failed"] == msg1

@@ -763,6 +763,8 @@ class EplbClient:
             "sync_thread": self._threaded,
             "sync_thread_cpu_us_per_sync": self._ws.sync_thread_cpu_ns / max(s.syncs, 1) / 1e3,
             "sync_thread_waits": self._waits,
+            # Set once a sync raised: the client is done (every later step() raises it).
+            "failed": str(self._failed) if self._failed is not None else "",
         }
 
     def request_abort(self) -> None:
