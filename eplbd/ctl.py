@@ -59,6 +59,7 @@ PLAN_ERRORS = {
     23: "abort_requested",
     24: "internal",
     25: "diverged",
+    26: "transfer_group_unsafe",
 }
 ERR_HASH_MISMATCH, ERR_DIVERGED = 18, 25
 #: Errors meaning the nodes' daemons disagree: what the plan said is never started anywhere.

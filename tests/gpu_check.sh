@@ -18,6 +18,9 @@ EXTRA=""
 if [[ -n "${POSIX_IPC_WHEEL:-}" ]]; then
     "$PY" -m zipfile -e "$POSIX_IPC_WHEEL" "$OUT/pyipc" && EXTRA=":$OUT/pyipc"
 fi
+# torch.cuda.is_available() (the tests' skipif) then asks NVML instead of cuInit, so it
+# does not poison fork for the test launcher's forked ranks.
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
 export PYTHONPATH="$PWD:$PWD/clients:$PWD/clients/vllm${EXTRA}${PYTHONPATH:+:$PYTHONPATH}"
 {
     date -u

@@ -50,14 +50,19 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         from_layer = spec.get("break_from", 0)
         orig = T.PlanTransfer.transfer_layer
 
+        hangs = {"n": 0}
+
         def stuck(self: Any, j: int) -> Any:
-            if j >= from_layer:
+            if j >= from_layer and not (spec.get("hang_once") and hangs["n"]):
+                hangs["n"] += 1
                 self.abort_event.wait(30)  # until every rank agreed to abort
                 raise T.TransferError(C.ERR_TRANSFER, "injected hang")
             return orig(self, j)
 
         T.PlanTransfer.transfer_layer = stuck  # type: ignore[method-assign]
     client = EplbClient(model, G, spec["domain"], config=cfg)
+    if spec.get("p2p_by_order"):  # as on NCCL/HCCL, which pair p2p messages by order, not tag
+        client._p2p_by_order = True
     # Which threads issue the sync's all-gather (with a sync thread: never the forward's).
     gather_threads: set[str] = set()
     gather = client._gather
@@ -78,8 +83,12 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     # What the engine sees after each step: must be identical on every rank, step by step.
     seen: list[tuple[int, ...]] = []
     t0 = time.perf_counter()
+    abort_asked = False
     for step in range(spec.get("max_steps", 2000)):
         y = model.forward(step, client.record)
+        if spec.get("abort_in_flight") == rank and client.active_plan >= 0 and not abort_asked:
+            client.request_abort()  # once, while the first plan is in flight
+            abort_asked = True
         if step % 3 == 0:
             maxdiff = max(maxdiff, float((y - model.reference_forward(step)).abs().max()))
         client.step()
@@ -103,6 +112,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         "gather_threads": sorted(gather_threads),
         "seen": seen,
         "main_thread": threading.current_thread().name,
+        "transfer_unsafe": client.status()["transfer_unsafe"],
     }
     if client.is_leader:
         time.sleep(0.05)  # let the publisher thread finish its queue
@@ -308,6 +318,62 @@ def test_stuck_rank_times_out_and_all_abort_together(shm_prefix: str) -> None:
     assert all(a == aborts[0] for a in aborts) and len(aborts[0]) == 1
     # The partially staged plan never touched weights: still the default placement.
     assert np.array_equal(res[0]["phy2log"], default_phy2log(G))
+
+
+@pytest.mark.parametrize("by_order", [False, True], ids=["gloo", "by-order"])
+def test_after_a_failed_transfer_later_plans_are_refused(shm_prefix: str, by_order: bool) -> None:
+    """Rank 2's transfer of the first plan hangs: the peers' p2p waits time out (gloo closes
+    those pairs), every rank aborts it (transfer_failed). The second plan is then refused
+    on every rank at once (transfer_group_unsafe) instead of failing again after a timeout,
+    and the placement in force stays valid. The same on a group that pairs p2p by order."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=2, source="random", seed=6)
+    spec = {
+        "domain": name,
+        "config": {"sync_interval": 2, "p2p_timeout_s": 1.0, "plan_timeout_syncs": 400},
+        "commits": 0,
+        "aborts": 2,
+        "break_rank": 2,
+        "hang_once": True,
+        "p2p_by_order": by_order,
+    }
+    res = run(spec, driver)
+    check_consistent(res)
+    aborts = [[h for h in r["stats"]["history"] if h[0] == "abort"] for r in res]
+    assert all(a == aborts[0] for a in aborts) and len(aborts[0]) == 2
+    assert all(r["stats"]["last_error"] == C.ERR_TRANSFER_UNSAFE for r in res)
+    assert all("transfer_failed" in r["transfer_unsafe"] for r in res), res[0]["transfer_unsafe"]
+    assert res[0]["stats"]["plans_committed"] == 0
+    assert np.array_equal(res[0]["phy2log"], default_phy2log(G))
+
+
+@pytest.mark.parametrize("by_order", [False, True], ids=["gloo", "by-order"])
+def test_abort_requested_mid_transfer(shm_prefix: str, by_order: bool) -> None:
+    """Rank 0 asks to abort while a paced plan is in flight: every rank aborts it together.
+    With gloo (tags keep an aborted plan's late messages apart) the next plan commits; on a
+    group that pairs p2p by order (NCCL/HCCL) messages may be left unmatched, so every rank
+    refuses the next plan and keeps the placement in force."""
+    name = shm_prefix + "job.m0"
+    driver = PlanDriver(name, G, plans=2, source="random", seed=7)
+    spec = {
+        "domain": name,
+        "config": {"sync_interval": 2, "transfer_rounds_per_step": 0.05, "p2p_timeout_s": 20.0},
+        "commits": 0 if by_order else 1,
+        "aborts": 2 if by_order else 1,
+        "abort_in_flight": 0,
+        "p2p_by_order": by_order,
+        "max_steps": 4000,
+    }
+    res = run(spec, driver)
+    check_consistent(res)
+    first = [[h for h in r["stats"]["history"] if h[0] == "abort"][0] for r in res]
+    assert all(a == first[0] for a in first)
+    if by_order:
+        assert all(r["stats"]["last_error"] == C.ERR_TRANSFER_UNSAFE for r in res)
+        assert all("abort_requested" in r["transfer_unsafe"] for r in res), res[0]["transfer_unsafe"]
+        assert np.array_equal(res[0]["phy2log"], default_phy2log(G))
+    else:
+        assert res[0]["stats"]["plans_committed"] == 1 and all(r["transfer_unsafe"] == "" for r in res)
 
 
 def test_log2phy_compact_matches_plan_tables() -> None:

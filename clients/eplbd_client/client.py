@@ -72,7 +72,7 @@ import torch.distributed as dist
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, validate_phy2log
 from eplbd.plan import Plan, PlanError, plan_hash
-from eplbd.planner import validate_plan
+from eplbd.planner import changed_layers, validate_plan
 from eplbd.shm import (
     PLAN_ABORTED,
     PLAN_COMMITTED,
@@ -634,7 +634,21 @@ class EplbClient:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
         if transfer_group is None:
             transfer_group = dist.new_group(ranks=ranks, backend=backend)
+        if self.world > 1 and self.dev.has_streams and dist.get_backend(transfer_group) == "gloo":
+            # ProcessGroupGloo::send/recv hand tensor.data_ptr() to gloo's TCP transport
+            # with no device check: a device pointer would be read/written as host memory.
+            raise ValueError(
+                "eplbd_client: the transfer group is gloo but the expert weights are on "
+                f"{host.device}: gloo p2p cannot move device tensors; give a device "
+                "backend's transfer_group (nccl/hccl)"
+            )
         self.transfer_group = transfer_group
+        # gloo matches p2p messages by tag (a late message of an aborted plan can never pair
+        # with a later plan's); NCCL and HCCL ignore tags and pair each peer's operations in
+        # issue order, so a plan aborted with p2p possibly in flight leaves the group unusable.
+        self._p2p_by_order = dist.get_backend(transfer_group) != "gloo"
+        self._transfer_unsafe = ""  # why later plans are refused ("" = the group is fine)
+        self._active_changed = 0  # changed layers of the active plan (from the plan: replicated)
         # One collective with every rank first: NCCL sets a communicator up lazily and
         # wants all ranks in its first call, which a p2p round never is.
         dist.all_reduce(torch.zeros(1, device=comm_device), group=transfer_group)
@@ -763,6 +777,8 @@ class EplbClient:
             "sync_thread": self._threaded,
             "sync_thread_cpu_us_per_sync": self._ws.sync_thread_cpu_ns / max(s.syncs, 1) / 1e3,
             "sync_thread_waits": self._waits,
+            # Set when an abort may have left the p2p group out of step: plans are refused.
+            "transfer_unsafe": self._transfer_unsafe,
             # Set once a sync raised: the client is done (every later step() raises it).
             "failed": str(self._failed) if self._failed is not None else "",
         }
@@ -1092,6 +1108,7 @@ class EplbClient:
         elif d.kind == C.COMMIT:
             self._commit(d.commit_to)
         elif d.kind == C.ABORT:
+            self._note_unsafe_abort(d, words)
             self._finish_plan(PLAN_ABORTED, d.error, self._xfer.error_message if self._xfer else "")
         elif d.kind == C.REJECT:
             st.last_decided_id = d.plan_id
@@ -1101,6 +1118,36 @@ class EplbClient:
             self._note_error(d.plan_id, d.error, "plan rejected" + self._mismatch_detail(d, words))
             self._ws.history.append(("reject", d.plan_id, st.sync))
             self._queue_status(PlanStatus(d.plan_id, PLAN_REJECTED, 0, d.error, time.time_ns()))
+
+    def _note_unsafe_abort(self, d: C.Decision, words: np.ndarray | None) -> None:
+        """Whether an aborted plan may have left the transfer group unusable, decided from the
+        gathered words and the plan alone (so every rank marks it the same way):
+
+        - a p2p failed or timed out (``transfer_failed``): gloo closes the pair on a timeout,
+          and on NCCL/HCCL the unmatched operations stay queued;
+        - on a group that pairs p2p by order (NCCL/HCCL), any abort before every rank staged
+          every layer: unmatched sends/receives may remain, and a later plan's could pair with
+          them (wrong experts) or wait behind them for ever.
+
+        Later plans are then refused (``transfer_group_unsafe``) instead of failing or
+        corrupting weights; the placement in force stays."""
+        if self._transfer_unsafe or d.error == C.ERR_STAGING:
+            return  # a staging-gate error stops every rank before its first p2p
+        staged = int(np.asarray(words)[:, C.W_STAGED].min()) if words is not None else -1
+        if d.error != C.ERR_TRANSFER and not (self._p2p_by_order and staged < self._active_changed):
+            return
+        backend = dist.get_backend(self.transfer_group)
+        why = (
+            "a p2p transfer failed"
+            if d.error == C.ERR_TRANSFER
+            else f"the {backend} transfer group pairs p2p messages by order and some may be unmatched"
+        )
+        self._transfer_unsafe = (
+            f"plan {self.state.active_id} was aborted ({C.error_name(d.error)}) with "
+            f"{max(staged, 0)} of {self._active_changed} layers staged on some rank; {why}: "
+            "later plans are refused until the ranks restart"
+        )
+        log.error("eplbd_client rank %d: %s", self.rank, self._transfer_unsafe)
 
     def _start(self, d: C.Decision) -> None:
         st = self.state
@@ -1118,9 +1165,17 @@ class EplbClient:
             self._exec_err = C.ERR_INTERNAL
             n_layers = 1  # unknown; the abort at the next sync makes it moot
             base = -1
+        elif self._transfer_unsafe:  # the same on every rank: all abort it at the next sync
+            self._exec_err = C.ERR_TRANSFER_UNSAFE
+            self._active_changed = n_layers = int(changed_layers(entry[1], self.g).shape[0])
+            base = entry[1].base_epoch
+            log.error(
+                "eplbd_client rank %d: plan %d refused: %s", self.rank, d.plan_id, self._transfer_unsafe
+            )
         else:
             plan = entry[1]
             base = plan.base_epoch
+            self._active_changed = int(changed_layers(plan, self.g).shape[0])
             try:
                 xfer = PlanTransfer(
                     plan,
@@ -1428,6 +1483,18 @@ class EplbClient:
                 self._pending[0].wait(timeout=self._gather_timeout)
             self._pending = None
         self._worker.stop(timeout=self.config.p2p_timeout_s + 5)
+        # The count/send/recv buffers were allocated on the forward stream and are used on
+        # the comm stream (zero_, copies, the collective), the staging pool on the transfer
+        # stream: once this client is dropped the caching allocator hands their blocks to
+        # new forward-stream allocations at once. Let the side streams drain first (polled
+        # and bounded: a transfer stream stuck behind an unmatched NCCL p2p must not hang
+        # close).
+        for s in (self._comm_stream, self._xfer_stream):
+            if s is not None:
+                try:
+                    self.dev.wait_event_host(self.dev.record_event(s), self.config.gather_timeout_s)
+                except TimeoutError as e:
+                    log.warning("eplbd_client rank %d: close: side stream not drained: %s", self.rank, e)
         if self._pub is not None:
             self._pub.stop(timeout=10)
         for d in (self._dom_poll, self._dom_read):

@@ -103,6 +103,7 @@ ERR_TIMEOUT = 22  # no commit progress for plan_timeout_syncs syncs
 ERR_ABORT_REQUESTED = 23  # a rank asked to abort (request_abort, shutdown)
 ERR_INTERNAL = 24  # unexpected exception on a rank
 ERR_DIVERGED = 25  # only some nodes published the plan, for divergence_syncs syncs
+ERR_TRANSFER_UNSAFE = 26  # an earlier abort may have left the p2p group out of step (NCCL/HCCL)
 
 _ERR_NAMES = {
     ERR_NONE: "none",
@@ -116,6 +117,7 @@ _ERR_NAMES = {
     ERR_ABORT_REQUESTED: "abort_requested",
     ERR_INTERNAL: "internal",
     ERR_DIVERGED: "diverged",
+    ERR_TRANSFER_UNSAFE: "transfer_group_unsafe",
 }
 #: Errors that mean the nodes' daemons disagree (not a fault of the plan itself).
 MISMATCH_ERRORS = (ERR_HASH_MISMATCH, ERR_DIVERGED)

@@ -12,7 +12,11 @@ class LoadRecorder:
 
     ``record(layer, counts)`` is one in-place add into a preallocated row view:
     no allocation, no host sync (on an accelerator it is one queued kernel).
-    The client drains it at every sync (``drain_into``).
+    The client drains it at every sync (``drain_into``). On a stream device the
+    adds must be queued on the stream that is current when the client's
+    ``step()`` runs (its end-of-window event and the wait for a buffer's zeroing
+    act on that stream), and never captured in a CUDA graph: the client switches
+    the accumulator between three buffers at each sync.
     """
 
     def __init__(self, num_layers: int, slots_per_rank: int, device: torch.device | str = "cpu") -> None:

@@ -344,6 +344,7 @@ def launch(
     on_started: Callable[[], None] | None = None,
     backend: str = "gloo",
     may_die: Sequence[int] = (),
+    start_method: str = "fork",
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` forked processes with a ``backend`` group.
 
@@ -356,9 +357,13 @@ def launch(
     Returns the results ordered by rank; raises RuntimeError with the child's
     traceback if any rank failed, and kills every child still running after
     ``timeout`` seconds. Fork (not spawn) keeps start-up to a fraction of a
-    second since torch is already imported.
+    second since torch is already imported. ``start_method="spawn"`` for ranks that use
+    CUDA: a parent that called ``torch.cuda.is_available()`` (pytest's skipif does, at
+    collection) has registered torch's fork poison, and a forked child's first CUDA call
+    raises "Cannot re-initialize CUDA in forked subprocess" (``fn`` must then be picklable:
+    a module-level function).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start_method)
     q = ctx.Queue()
     port = free_port()
     procs = [

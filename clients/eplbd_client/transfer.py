@@ -11,8 +11,11 @@ and on a side stream where the device has streams). For each layer it:
 2. copies COPY sources (live local slots) into staging entries;
 3. runs the layer's rounds: one ``dist.batch_isend_irecv`` per round, sending
    live slots and receiving into staging entries, each wait bounded by
-   ``p2p_timeout_s``; tags identify (plan, destination slot, tensor) so late
-   messages of an aborted plan can never match a later one;
+   ``p2p_timeout_s``; with gloo, tags identify (plan, destination slot, tensor) so
+   late messages of an aborted plan can never match a later one (NCCL and HCCL
+   ignore tags and pair p2p operations per peer in issue order, so an abort that
+   stops two peers' workers at different rounds leaves the communicator out of
+   step for every later plan);
 4. publishes the layer as staged (with an event on stream devices).
 
 Pacing (``pace_rounds_per_step`` > 0, worker thread only). A rebalance then
