@@ -15,7 +15,8 @@ and on a side stream where the device has streams). For each layer it:
    late messages of an aborted plan can never match a later one (NCCL and HCCL
    ignore tags and pair p2p operations per peer in issue order, so an abort that
    stops two peers' workers at different rounds leaves the communicator out of
-   step for every later plan);
+   step for every later plan, and a gloo timeout closes the pair: the client then
+   refuses later plans, see ``EplbClient._note_unsafe_abort``);
 4. publishes the layer as staged (with an event on stream devices).
 
 Pacing (``pace_rounds_per_step`` > 0, worker thread only). A rebalance then
