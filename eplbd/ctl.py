@@ -61,7 +61,7 @@ PLAN_ERRORS = {
     25: "diverged",
     26: "transfer_group_unsafe",
 }
-ERR_HASH_MISMATCH, ERR_DIVERGED = 18, 25
+ERR_HASH_MISMATCH, ERR_DIVERGED, ERR_TRANSFER_UNSAFE = 18, 25, 26
 #: Errors meaning the nodes' daemons disagree: what the plan said is never started anywhere.
 MISMATCH_ERRORS = {
     ERR_HASH_MISMATCH: "the nodes' daemons published different plans under one id",
@@ -193,6 +193,13 @@ def domain_status(name: str, now_ns: int | None = None) -> dict[str, Any]:
                 "age_s": _age_s(st.updated_ns, now_ns),
             }
             if int(st.error) in MISMATCH_ERRORS
+            else None
+        )
+        # The ranks refuse plans once an aborted transfer may have left their p2p group out
+        # of step: balancing is off until they restart, which an operator must learn here.
+        d["transfer_unsafe"] = (
+            {"plan_id": int(st.plan_id), "age_s": _age_s(st.updated_ns, now_ns)}
+            if int(st.error) == ERR_TRANSFER_UNSAFE
             else None
         )
         if plan_id >= 0:
@@ -351,6 +358,13 @@ def format_status(st: dict[str, Any]) -> str:
                 f"{mm['error']} ({mm['reason']}"
                 + ("; this node's daemon did not publish it" if mm["published_here"] is False else "")
                 + "); check that every node runs its daemon with the same config and version"
+            )
+        tu = d.get("transfer_unsafe")
+        if tu is not None:
+            lines.append(
+                f"  REFUSED     plan #{tu['plan_id']} refused on every rank {_dur(tu['age_s'])} ago: an "
+                "earlier plan was aborted with p2p transfers possibly unmatched, so the ranks' transfer "
+                "group may be out of step; balancing is off until the ranks restart (their logs say why)"
             )
         dm = d["daemon"]
         if dm is not None:

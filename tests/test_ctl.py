@@ -150,3 +150,22 @@ def test_status_without_daemon_reports_none(prefix: str) -> None:
         r = ctl("status", "--prefix", prefix)
         assert r.returncode == EXIT_NO_DAEMON
         assert "none has written" in r.stdout and "window      #0" in r.stdout
+
+
+def test_status_says_when_the_ranks_refuse_plans(prefix: str) -> None:
+    """A plan status with transfer_group_unsafe gets its own line and JSON field."""
+    import time
+
+    from eplbd.shm import PlanStatus
+
+    with leader(prefix + "job.m0", G) as ld:
+        ld.write()
+        r = ctl("status", "--prefix", prefix, "--json")
+        assert json.loads(r.stdout)["domains"][0]["transfer_unsafe"] is None
+        ld.dom.write_plan_status(PlanStatus(7, 3, 0, 26, time.time_ns()))  # aborted, error 26
+        r = ctl("status", "--prefix", prefix)
+        assert "REFUSED     plan #7 refused on every rank" in r.stdout, r.stdout
+        assert "until the ranks restart" in r.stdout
+        d = json.loads(ctl("status", "--prefix", prefix, "--json").stdout)["domains"][0]
+        assert d["transfer_unsafe"]["plan_id"] == 7
+        assert d["plan_status"]["error_name"] == "transfer_group_unsafe"
