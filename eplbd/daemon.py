@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from eplbd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, unknown_env
-from eplbd.ctl import MISMATCH_ERRORS, plan_error_name
+from eplbd.ctl import ERR_TRANSFER_UNSAFE, MISMATCH_ERRORS, plan_error_name
 from eplbd.metrics import NullMetrics, make_metrics
 from eplbd.notify import Notifier
 from eplbd.placement import MoveCounts, count_moves
@@ -375,6 +375,11 @@ class DomainWorker(threading.Thread):
         inflight = self.plan_in_flight()
         if inflight >= 0:
             return Decision(trig, "wait", reason="plan_in_flight", plan_id=inflight)
+        st = dom.read_plan_status()
+        if st.error == ERR_TRANSFER_UNSAFE:
+            # The ranks refuse every plan until they restart (a new segment, a fresh status):
+            # planning for them would only burn CPU and fill the log with refusals.
+            return Decision(trig, "skip", reason="ranks_refuse_plans", plan_id=int(st.plan_id))
         ph: dict[str, float] = {}
         t = time.perf_counter()
 

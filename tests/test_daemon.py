@@ -161,6 +161,13 @@ def test_gain_gate_moves_cap_inflight_and_reload(tmp_path: Path, prefix: str) ->
             for _ in range(4):
                 ld.write()
             wait_for(lambda: ld.dom.latest_plan_id() == 19, what="plan 19")
+            # Ranks that refuse plans (transfer group unsafe after an aborted transfer): the
+            # daemon stops planning for them, and says why.
+            ld.dom.write_plan_status(PlanStatus(19, PLAN_ABORTED, 0, 26, time.time_ns()))
+            for _ in range(4):
+                ld.write()
+            wait_for(lambda: d.lines("reason=ranks_refuse_plans"), what="refusal skip")
+            assert ld.dom.latest_plan_id() == 19
         finally:
             assert d.stop() == 0
 
