@@ -106,7 +106,7 @@ def _overhead_rank(
     name: str,
     steps: int,
     k: int,
-    all_at_once: bool,
+    how: str,
     sync_thread: bool,
     lockstep: bool = True,
 ) -> dict[str, Any]:
@@ -119,6 +119,7 @@ def _overhead_rank(
     stacked = torch.stack(counts)
     record = client.record
     record_all = client.recorder.record_all
+    deferred = client.record_deferred
     pc = time.perf_counter_ns
     tt = time.thread_time_ns
     tick = torch.zeros(1)
@@ -129,8 +130,11 @@ def _overhead_rank(
     for i in range(steps):
         coll_cpu[0] = 0
         t0, c0 = pc(), tt()
-        if all_at_once:
+        if how == "all":
             record_all(stacked)  # engines that count all layers in one tensor
+        elif how == "deferred":
+            for layer in range(g.num_layers):
+                deferred(layer, counts[layer])  # added by step(): one stack + one add
         else:
             for layer in range(g.num_layers):
                 record(layer, counts[layer])
@@ -174,15 +178,16 @@ def bench_overhead(steps: int, raw: dict[str, Any] | None = None, ranks: int = 4
         return Geometry(L, min(E, ranks * S), ranks, S)
 
     out: dict[str, Any] = {}
-    for label, g, at_once, threaded in (
-        ("L=4 S=6, record per layer", geo(4, 16, 6), False, True),
-        ("L=58 S=72, record per layer", geo(58, 256, 72), False, True),
-        ("L=58 S=72, record_all", geo(58, 256, 72), True, True),
-        ("L=58 S=72, record_all, no sync thread", geo(58, 256, 72), True, False),
+    for label, g, how, threaded in (
+        ("L=4 S=6, record per layer", geo(4, 16, 6), "layer", True),
+        ("L=58 S=72, record per layer", geo(58, 256, 72), "layer", True),
+        ("L=58 S=72, record_deferred per layer", geo(58, 256, 72), "deferred", True),
+        ("L=58 S=72, record_all", geo(58, 256, 72), "all", True),
+        ("L=58 S=72, record_all, no sync thread", geo(58, 256, 72), "all", False),
     ):
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
         try:
-            res = launch(_overhead_rank, ranks, g, prefix + "ovh", steps, 16, at_once, threaded, timeout=300)
+            res = launch(_overhead_rank, ranks, g, prefix + "ovh", steps, 16, how, threaded, timeout=300)
         finally:
             remove_prefix(prefix)
         wall = np.concatenate([r["wall"][steps // 10 :] for r in res])  # skip warm-up

@@ -227,6 +227,28 @@ def test_check_host_names_what_is_wrong() -> None:
         check_host(SimpleNamespace(num_moe_layers=1, device="cpu"))
 
 
+def test_record_deferred_equals_record() -> None:
+    gen = torch.Generator().manual_seed(0)
+    steps = [[torch.randint(0, 9, (4,), generator=gen) for _ in range(3)] for _ in range(4)]
+    now, later = LoadRecorder(3, 4), LoadRecorder(3, 4)
+    for i, counts in enumerate(steps):
+        before = later.acc.clone()
+        for layer, c in enumerate(counts):
+            if i == 1 and layer == 2:
+                continue  # a step that skips a layer: per-layer adds at flush
+            now.record(layer, c)
+            later.record_deferred(layer, c.to(torch.int32) if i == 2 else c)  # any integer dtype
+        if i == 3:  # one layer twice in a step
+            now.record(0, counts[1])
+            later.record_deferred(0, counts[1])
+        assert torch.equal(later.acc, before), i  # nothing added before the flush
+        later.flush()
+        assert torch.equal(later.acc, now.acc), i
+    ptr = later._stacked.data_ptr()
+    later.flush()  # nothing deferred: no change
+    assert torch.equal(later.acc, now.acc) and later._stacked.data_ptr() == ptr
+
+
 def test_tiny_moe_single_rank_matches_reference() -> None:
     g = Geometry(2, 8, 1, 8)
     m = TinyMoE(g, 0, distributed=False, tokens=32)

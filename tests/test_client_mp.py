@@ -85,7 +85,7 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     abort_asked = False
     for step in range(spec.get("max_steps", 2000)):
-        y = model.forward(step, client.record)
+        y = model.forward(step, client.record_deferred if spec.get("deferred") else client.record)
         if spec.get("abort_in_flight") == rank and client.active_plan >= 0 and not abort_asked:
             client.request_abort()  # once, while the first plan is in flight
             abort_asked = True
@@ -154,19 +154,21 @@ def check_consistent(res: list[dict[str, Any]]) -> None:
     assert res[0]["windows_checked"] > 0 and res[0]["windows_bad"] == [], res[0]["windows_bad"]
 
 
-@pytest.mark.parametrize("mode", ["async", "async-inline", "stw"])
+@pytest.mark.parametrize("mode", ["async", "async-inline", "stw", "async-deferred"])
 def test_random_plans_applied_bitwise(shm_prefix: str, mode: str) -> None:
     """Three plans, exact everywhere. ``async``: the sync runs on the sync thread, and the
     forward thread never issues the all-gather; ``async-inline`` / ``stw``: on the forward
-    thread."""
+    thread; ``async-deferred``: the sync thread, counts recorded with ``record_deferred``
+    (every window still holds exactly the tokens routed in its steps)."""
     name = shm_prefix + "job.m0"
     driver = PlanDriver(name, G, plans=3, source="random", gap_windows=2, seed=5)
-    cfg = {"sync_interval": 4, "mode": mode.split("-")[0], "sync_thread": mode == "async"}
-    spec = {"domain": name, "config": cfg, "commits": 3}
+    threaded = mode in ("async", "async-deferred")
+    cfg = {"sync_interval": 4, "mode": mode.split("-")[0], "sync_thread": threaded}
+    spec = {"domain": name, "config": cfg, "commits": 3, "deferred": mode == "async-deferred"}
     res = run(spec, driver)
     check_consistent(res)
     for rank, r in enumerate(res):
-        if mode == "async":
+        if threaded:
             assert r["gather_threads"] == [f"eplbd-sync-r{rank}"], r["gather_threads"]
         else:
             assert r["gather_threads"] == [r["main_thread"]], r["gather_threads"]

@@ -552,6 +552,7 @@ class EplbClient:
         self.dev = DeviceOps(host.device)
         self.recorder = LoadRecorder(L, S, host.device)
         self.record = self.recorder.record  # bound method: no extra frame per call
+        self.record_deferred = self.recorder.record_deferred
         backend = dist.get_backend(group)
         comm_device = torch.device("cpu") if backend == "gloo" else torch.device(host.device)
         self._comm_same_device = comm_device == torch.device(host.device)
@@ -790,6 +791,8 @@ class EplbClient:
     # ------------------------------------------------------------------ step
     def step(self) -> None:
         """Call once per forward step on every rank, after the step's record() calls."""
+        if self.recorder._pending:
+            self.recorder.flush()
         self._step += 1
         if self._step % self._K:
             return

@@ -25,10 +25,38 @@ class LoadRecorder:
         self.acc = torch.zeros((num_layers, slots_per_rank), dtype=torch.int64, device=device)
         # Row views made once: indexing acc[layer] per call would build a new view each time.
         self._rows = list(self.acc.unbind(0))
+        # record_deferred: the step's (layer, counts), added at flush() with one stack + add.
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._order = tuple(range(num_layers))
+        self._stacked = torch.empty((num_layers, slots_per_rank), dtype=torch.int64, device=device)
 
     def record(self, layer: int, counts: torch.Tensor) -> None:
         """Add ``counts`` [S] (any integer dtype, same device) to layer ``layer``."""
         self._rows[layer].add_(counts)
+
+    def record_deferred(self, layer: int, counts: torch.Tensor) -> None:
+        """Like :meth:`record`, but the add happens at :meth:`flush` (the client's next
+        ``step()``): this only keeps a reference, and ``flush`` adds every layer's counts
+        with one stack and one add instead of L adds (an accelerator runs 2 kernels
+        instead of L). ``counts`` must not be modified or reused until then: fresh
+        per-layer tensors (a ``bincount`` result) qualify, a buffer the engine rewrites
+        for every layer does not."""
+        self._pending.append((layer, counts))
+
+    def flush(self) -> None:
+        """Add the counts of :meth:`record_deferred` (the client calls this in ``step()``)."""
+        pending = self._pending
+        if not pending:
+            return
+        layers, counts = zip(*pending, strict=True)
+        if layers == self._order:  # every layer once, in order: the usual forward
+            torch.stack(counts, out=self._stacked)
+            self.acc.add_(self._stacked)
+        else:  # layers skipped, repeated or out of order
+            rows = self._rows
+            for layer, c in pending:
+                rows[layer].add_(c)
+        pending.clear()
 
     def record_all(self, counts: torch.Tensor) -> None:
         """Add ``counts`` [L, S] at once (engines that count all layers together)."""
