@@ -120,6 +120,7 @@ def _overhead_rank(
     record = client.record
     record_all = client.recorder.record_all
     deferred = client.record_deferred
+    bare = torch.zeros_like(stacked)
     pc = time.perf_counter_ns
     tt = time.thread_time_ns
     tick = torch.zeros(1)
@@ -130,7 +131,9 @@ def _overhead_rank(
     for i in range(steps):
         coll_cpu[0] = 0
         t0, c0 = pc(), tt()
-        if how == "all":
+        if how == "bare":
+            bare.add_(stacked)  # baseline: torch's own add_ in the same loop, no client
+        elif how == "all":
             record_all(stacked)  # engines that count all layers in one tensor
         elif how == "deferred":
             for layer in range(g.num_layers):
@@ -139,7 +142,8 @@ def _overhead_rank(
             for layer in range(g.num_layers):
                 record(layer, counts[layer])
         cm = tt()
-        client.step()
+        if how != "bare":
+            client.step()
         t1, c1 = pc(), tt()
         step_cpu[i] = c1 - cm - coll_cpu[0]
         is_sync = (i + 1) % k == 0
@@ -183,6 +187,7 @@ def bench_overhead(steps: int, raw: dict[str, Any] | None = None, ranks: int = 4
         ("L=58 S=72, record per layer", geo(58, 256, 72), "layer", True),
         ("L=58 S=72, record_deferred per layer", geo(58, 256, 72), "deferred", True),
         ("L=58 S=72, record_all", geo(58, 256, 72), "all", True),
+        ("L=58 S=72, torch add_ alone (no client)", geo(58, 256, 72), "bare", True),
         ("L=58 S=72, record_all, no sync thread", geo(58, 256, 72), "all", False),
     ):
         prefix = f"eplbdbench{uuid.uuid4().hex[:8]}."
