@@ -17,6 +17,26 @@ pytestmark = pytest.mark.timeout(60)
 G1 = Geometry(2, 8, 1, 8)
 
 
+def _step_until_two_errors(
+    model: TinyMoE, client: EplbClient, steps: int, at_step: Any = None
+) -> list[tuple[int, str, str, float]]:
+    """Forward + step until step() raised twice: (step, message, repr of the cause, seconds
+    the raising step() took) of each."""
+    errors: list[tuple[int, str, str, float]] = []
+    for step in range(steps):
+        model.forward(step, client.record)
+        if at_step is not None:
+            at_step(step)
+        t0 = time.perf_counter()
+        try:
+            client.step()
+        except RuntimeError as e:
+            errors.append((step, str(e), repr(e.__cause__), time.perf_counter() - t0))
+            if len(errors) == 2:
+                break
+    return errors
+
+
 def _fail_in_sync_thread(rank: int, world: int, domain: str) -> dict[str, Any]:
     model = TinyMoE(G1, rank, tokens=16, seed=2)
     client = EplbClient(model, G1, domain, config=ClientConfig(sync_interval=2))
@@ -30,19 +50,13 @@ def _fail_in_sync_thread(rank: int, world: int, domain: str) -> dict[str, Any]:
         poll()
 
     client._poll = broken_poll  # type: ignore[method-assign]
-    errors: list[tuple[int, str, str, float]] = []
     status: dict[str, Any] = {}
-    for step in range(40):
-        model.forward(step, client.record)
+
+    def at_step(step: int) -> None:
         if step == 5:
-            status = client.status()
-        t0 = time.perf_counter()
-        try:
-            client.step()
-        except RuntimeError as e:
-            errors.append((step, str(e), repr(e.__cause__), time.perf_counter() - t0))
-            if len(errors) == 2:
-                break
+            status.update(client.status())
+
+    errors = _step_until_two_errors(model, client, 40, at_step)
     t0 = time.perf_counter()
     client.close()
     close_s = time.perf_counter() - t0
@@ -134,16 +148,7 @@ def _failing_commit(rank: int, world: int, spec: dict[str, Any]) -> dict[str, An
     client = EplbClient(
         model, G1, spec["domain"], config=ClientConfig(sync_interval=2, sync_thread=spec["threaded"])
     )
-    errors: list[tuple[int, str, str, float]] = []
-    for step in range(400):
-        model.forward(step, client.record)
-        t0 = time.perf_counter()
-        try:
-            client.step()
-        except RuntimeError as e:
-            errors.append((step, str(e), repr(e.__cause__), time.perf_counter() - t0))
-            if len(errors) == 2:
-                break
+    errors = _step_until_two_errors(model, client, 400)
     failed = client.status()["failed"]
     t0 = time.perf_counter()
     client.close()
