@@ -71,7 +71,7 @@ import torch.distributed as dist
 
 from eplbd.geometry import Geometry
 from eplbd.placement import default_phy2log, validate_phy2log
-from eplbd.plan import Plan, PlanError, plan_hash
+from eplbd.plan import COPY, Plan, PlanError, plan_hash
 from eplbd.planner import changed_layers, validate_plan
 from eplbd.shm import (
     PLAN_ABORTED,
@@ -650,6 +650,7 @@ class EplbClient:
         self._p2p_by_order = dist.get_backend(transfer_group) != "gloo"
         self._transfer_unsafe = ""  # why later plans are refused ("" = the group is fine)
         self._active_changed = 0  # changed layers of the active plan (from the plan: replicated)
+        self._active_remote = False  # whether it has p2p ops at all (from the plan)
         # One collective with every rank first: NCCL sets a communicator up lazily and
         # wants all ranks in its first call, which a p2p round never is.
         dist.all_reduce(torch.zeros(1, device=comm_device), group=transfer_group)
@@ -1128,8 +1129,8 @@ class EplbClient:
 
         - a p2p failed or timed out (``transfer_failed``): gloo closes the pair on a timeout,
           and on NCCL/HCCL the unmatched operations stay queued;
-        - on a group that pairs p2p by order (NCCL/HCCL), any abort before every rank staged
-          every layer: unmatched sends/receives may remain, and a later plan's could pair with
+        - on a group that pairs p2p by order (NCCL/HCCL), any abort of a plan with p2p ops
+          before every rank staged every layer: unmatched sends/receives may remain, and a later plan's could pair with
           them (wrong experts) or wait behind them for ever.
 
         Later plans are then refused (``transfer_group_unsafe``) instead of failing or
@@ -1137,7 +1138,8 @@ class EplbClient:
         if self._transfer_unsafe or d.error == C.ERR_STAGING:
             return  # a staging-gate error stops every rank before its first p2p
         staged = int(np.asarray(words)[:, C.W_STAGED].min()) if words is not None else -1
-        if d.error != C.ERR_TRANSFER and not (self._p2p_by_order and staged < self._active_changed):
+        unmatched = self._p2p_by_order and self._active_remote and staged < self._active_changed
+        if d.error != C.ERR_TRANSFER and not unmatched:
             return
         backend = dist.get_backend(self.transfer_group)
         why = (
@@ -1171,6 +1173,7 @@ class EplbClient:
         elif self._transfer_unsafe:  # the same on every rank: all abort it at the next sync
             self._exec_err = C.ERR_TRANSFER_UNSAFE
             self._active_changed = n_layers = int(changed_layers(entry[1], self.g).shape[0])
+            self._active_remote = False  # refused before any transfer
             base = entry[1].base_epoch
             log.error(
                 "eplbd_client rank %d: plan %d refused: %s", self.rank, d.plan_id, self._transfer_unsafe
@@ -1179,6 +1182,7 @@ class EplbClient:
             plan = entry[1]
             base = plan.base_epoch
             self._active_changed = int(changed_layers(plan, self.g).shape[0])
+            self._active_remote = bool((plan.ops["kind"] != COPY).any())  # p2p at all
             try:
                 xfer = PlanTransfer(
                     plan,
