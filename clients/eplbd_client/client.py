@@ -1130,8 +1130,8 @@ class EplbClient:
         - a p2p failed or timed out (``transfer_failed``): gloo closes the pair on a timeout,
           and on NCCL/HCCL the unmatched operations stay queued;
         - on a group that pairs p2p by order (NCCL/HCCL), any abort of a plan with p2p ops
-          before every rank staged every layer: unmatched sends/receives may remain, and a later plan's could pair with
-          them (wrong experts) or wait behind them for ever.
+          before every rank staged every layer: unmatched sends/receives may remain, and a
+          later plan's could pair with them (wrong experts) or wait behind them for ever.
 
         Later plans are then refused (``transfer_group_unsafe``) instead of failing or
         corrupting weights; the placement in force stays."""
