@@ -635,7 +635,8 @@ class EplbClient:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
         if transfer_group is None:
             transfer_group = dist.new_group(ranks=ranks, backend=backend)
-        if self.world > 1 and self.dev.has_streams and dist.get_backend(transfer_group) == "gloo":
+        xfer_backend = dist.get_backend(transfer_group)
+        if self.world > 1 and self.dev.has_streams and xfer_backend == "gloo":
             # ProcessGroupGloo::send/recv hand tensor.data_ptr() to gloo's TCP transport
             # with no device check: a device pointer would be read/written as host memory.
             raise ValueError(
@@ -647,10 +648,9 @@ class EplbClient:
         # gloo matches p2p messages by tag (a late message of an aborted plan can never pair
         # with a later plan's); NCCL and HCCL ignore tags and pair each peer's operations in
         # issue order, so a plan aborted with p2p possibly in flight leaves the group unusable.
-        self._p2p_by_order = dist.get_backend(transfer_group) != "gloo"
+        self._p2p_by_order = xfer_backend != "gloo"
         self._transfer_unsafe = ""  # why later plans are refused ("" = the group is fine)
-        self._active_changed = 0  # changed layers of the active plan (from the plan: replicated)
-        self._active_remote = False  # whether it has p2p ops at all (from the plan)
+        self._active_plan: Plan | None = None  # the plan in progress (replicated: same on every rank)
         # One collective with every rank first: NCCL sets a communicator up lazily and
         # wants all ranks in its first call, which a p2p round never is.
         dist.all_reduce(torch.zeros(1, device=comm_device), group=transfer_group)
@@ -1135,10 +1135,13 @@ class EplbClient:
 
         Later plans are then refused (``transfer_group_unsafe``) instead of failing or
         corrupting weights; the placement in force stays."""
-        if self._transfer_unsafe or d.error == C.ERR_STAGING:
+        plan = self._active_plan
+        if self._transfer_unsafe or d.error == C.ERR_STAGING or plan is None:
             return  # a staging-gate error stops every rank before its first p2p
+        changed = int(changed_layers(plan, self.g).shape[0])
         staged = int(np.asarray(words)[:, C.W_STAGED].min()) if words is not None else -1
-        unmatched = self._p2p_by_order and self._active_remote and staged < self._active_changed
+        remote = bool((plan.ops["kind"] != COPY).any())  # p2p at all
+        unmatched = self._p2p_by_order and remote and staged < changed
         if d.error != C.ERR_TRANSFER and not unmatched:
             return
         backend = dist.get_backend(self.transfer_group)
@@ -1149,7 +1152,7 @@ class EplbClient:
         )
         self._transfer_unsafe = (
             f"plan {self.state.active_id} was aborted ({C.error_name(d.error)}) with "
-            f"{max(staged, 0)} of {self._active_changed} layers staged on some rank; {why}: "
+            f"{max(staged, 0)} of {changed} layers staged on some rank; {why}: "
             "later plans are refused until the ranks restart"
         )
         log.error("eplbd_client rank %d: %s", self.rank, self._transfer_unsafe)
@@ -1172,8 +1175,7 @@ class EplbClient:
             base = -1
         elif self._transfer_unsafe:  # the same on every rank: all abort it at the next sync
             self._exec_err = C.ERR_TRANSFER_UNSAFE
-            self._active_changed = n_layers = int(changed_layers(entry[1], self.g).shape[0])
-            self._active_remote = False  # refused before any transfer
+            n_layers = int(changed_layers(entry[1], self.g).shape[0])
             base = entry[1].base_epoch
             log.error(
                 "eplbd_client rank %d: plan %d refused: %s", self.rank, d.plan_id, self._transfer_unsafe
@@ -1181,8 +1183,6 @@ class EplbClient:
         else:
             plan = entry[1]
             base = plan.base_epoch
-            self._active_changed = int(changed_layers(plan, self.g).shape[0])
-            self._active_remote = bool((plan.ops["kind"] != COPY).any())  # p2p at all
             try:
                 xfer = PlanTransfer(
                     plan,
@@ -1209,6 +1209,7 @@ class EplbClient:
                 self._exec_err = C.ERR_INTERNAL
                 n_layers = 1
         self._xfer = xfer
+        self._active_plan = None if entry is None or entry[0] != d.plan_hash else entry[1]
         st.active_base = base
         st.active_layers = n_layers
         self._queue_status(PlanStatus(d.plan_id, PLAN_STARTED, 0, 0, time.time_ns()))
@@ -1302,6 +1303,7 @@ class EplbClient:
         st.active_layers = 0
         st.committed = 0
         self._xfer = None
+        self._active_plan = None
         self._exec_err = 0
         self._abort_req = False
 

@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .device import DeviceOps
+
 __all__ = ["ExpertHost", "LayerTables", "check_host"]
 
 
@@ -42,12 +44,17 @@ class LayerTables:
 
     @classmethod
     def build(
-        cls, phy2log: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray, device: torch.device | str
+        cls,
+        phy2log: np.ndarray,
+        log2phy: np.ndarray,
+        replica_count: np.ndarray,
+        device: DeviceOps | torch.device | str,
     ) -> LayerTables:
-        """Tables for ``device`` from host arrays (plain blocking copies: for tools and tests;
-        the client stages its own with pinned, non-blocking copies)."""
+        """Tables from host arrays, copied to ``device`` on its current stream
+        (:meth:`DeviceOps.to_device`: pinned and non-blocking where the device has streams)."""
+        dev = device if isinstance(device, DeviceOps) else DeviceOps(device)
         h = [np.ascontiguousarray(a, dtype=np.int32) for a in (phy2log, log2phy, replica_count)]
-        d = [torch.from_numpy(a.astype(np.int64)).to(device) for a in h]
+        d = [dev.to_device(a) for a in h]
         return cls(h[0], h[1], h[2], d[0], d[1], d[2])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -360,16 +360,11 @@ class PlanTransfer:
             to_dev = self.dev.to_device
             dst = to_dev(writes["dst_slot"])
             entries_dev = to_dev(entries)
-            tables = self._tables(layer)
+            tables = LayerTables.build(
+                self.plan.phy2log[layer], self.log2phy[layer], self.replica_count[layer], self.dev
+            )
             ev = self.dev.record_event(self.stream)
         return _Staged(layer, dst, entries_dev, tables, ev)
-
-    def _tables(self, layer: int) -> LayerTables:
-        """Layer ``layer``'s new routing tables, host and device (current stream)."""
-        p2l = np.ascontiguousarray(self.plan.phy2log[layer], dtype=np.int32)
-        l2p, rc = self.log2phy[layer], self.replica_count[layer]
-        to_dev = self.dev.to_device
-        return LayerTables(p2l, l2p, rc, to_dev(p2l), to_dev(l2p), to_dev(rc))
 
     def _run_round(self, p2p: list[dist.P2POp], layer: int, rnd: int) -> None:
         if not p2p:
