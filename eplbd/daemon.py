@@ -77,7 +77,15 @@ from eplbd.notify import Notifier
 from eplbd.placement import MoveCounts, count_moves
 from eplbd.planner import build_plan, validate_plan
 from eplbd.policy import propose
-from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED, DaemonInfo, Domain, list_domains
+from eplbd.shm import (
+    PLAN_ABORTED,
+    PLAN_COMMITTED,
+    PLAN_REJECTED,
+    DaemonInfo,
+    Domain,
+    PlanStatus,
+    list_domains,
+)
 from eplbd.shm.names import segment_path
 
 __all__ = ["Daemon", "Logger", "configure_parser", "run_cli", "plan_interval_windows", "trigger_window"]
@@ -330,13 +338,13 @@ class DomainWorker(threading.Thread):
         self.dom.write_daemon_info(info)
         self._last_heartbeat = time.monotonic()
 
-    def plan_in_flight(self) -> int:
-        """Id of the published plan that still blocks a new one, or -1."""
+    def plan_in_flight(self, st: PlanStatus) -> int:
+        """Id of the published plan that still blocks a new one, or -1 (``st``: the ranks'
+        latest plan status)."""
         dom = self.dom
         pid = dom.latest_plan_id()
         if pid < 0:
             return -1
-        st = dom.read_plan_status()
         epoch, _ = dom.read_placement()
         if (
             epoch == pid
@@ -372,10 +380,10 @@ class DomainWorker(threading.Thread):
 
     def _decide(self, trig: int, t0: float) -> Decision:
         dom, cfg, g = self.dom, self.d.cfg, self.dom.geometry
-        inflight = self.plan_in_flight()
+        st = dom.read_plan_status()
+        inflight = self.plan_in_flight(st)
         if inflight >= 0:
             return Decision(trig, "wait", reason="plan_in_flight", plan_id=inflight)
-        st = dom.read_plan_status()
         if st.error == ERR_TRANSFER_UNSAFE:
             # The ranks refuse every plan until they restart (a new segment, a fresh status):
             # planning for them would only burn CPU and fill the log with refusals.
