@@ -11,6 +11,7 @@ gathered counts hop through host memory).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,20 @@ pytestmark = [
 ]
 
 G1 = Geometry(4, 16, 1, 16)
+
+
+def _checked(fn: Callable[[], object], strict: bool = True) -> str:
+    """Run ``fn`` (with CUDA's sync debug mode "error" when ``strict``: any synchronising
+    call raises); the RuntimeError it raised, as text, or ""."""
+    if strict:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return ""
 
 
 def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -49,15 +64,9 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     for step in range(3000):
         y = model.forward(step, client.record)
         maxdiff = max(maxdiff, float((y - model.reference_forward(step)).abs().max()))
-        if strict:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            client.step()
-        except RuntimeError as e:
-            commit_synced = f"{type(e).__name__}: {e}"
+        commit_synced = _checked(client.step, strict)
+        if commit_synced:
             break
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         done = 1 if strict else 3
         if client.stats.plans_committed >= done and client.active_plan < 0:
             break
@@ -67,8 +76,8 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         # the transfer thread's staging and every commit, until two more plans committed.
         ones = torch.ones(G1.slots_per_rank, dtype=torch.int64, device="cuda")
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+
+        def plans_flow() -> None:
             for _ in range(20000):
                 for layer in range(G1.num_layers):
                     client.record(layer, ones)
@@ -76,10 +85,8 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
                 if client.stats.plans_committed >= 3 and client.active_plan < 0:
                     break
                 time.sleep(0.001)
-        except RuntimeError as e:
-            commit_synced = f"{type(e).__name__}: {e}"
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+
+        commit_synced = _checked(plans_flow)
         # The model runs the placement those commits made: same outputs as without balancing.
         for k in range(1, 9):
             y = model.forward(step + k)
@@ -113,17 +120,13 @@ def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     # The forward thread must never wait for the device: with CUDA's sync debug mode set to
     # "error", any synchronising call inside record/step raises (with gloo too: the hop of
     # the counts through host memory is the sync thread's, which only polls its events).
-    synced = ""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    def record_and_step() -> None:
         for _ in range(64):
             for layer in range(G1.num_layers):
                 client.record(layer, counts)
             client.step()
-    except RuntimeError as e:
-        synced = str(e)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+
+    synced = _checked(record_and_step)
     out = {
         "maxdiff": maxdiff,
         "mismatches": mismatches,

@@ -301,19 +301,25 @@ def test_staging_too_small_aborts_on_every_rank(shm_prefix: str) -> None:
     assert np.array_equal(res[0]["phy2log"], default_phy2log(G)) and res[0]["epoch"] == 0
 
 
+def _stuck_rank_spec(name: str, aborts: int, **extra: Any) -> dict[str, Any]:
+    """Rank 2's transfer hangs (until every rank aborts); its peers' p2p waits time out
+    after 1 s; no plan commits."""
+    return {
+        "domain": name,
+        "config": {"sync_interval": 2, "p2p_timeout_s": 1.0, "plan_timeout_syncs": 400},
+        "commits": 0,
+        "aborts": aborts,
+        "break_rank": 2,
+        **extra,
+    }
+
+
 def test_stuck_rank_times_out_and_all_abort_together(shm_prefix: str) -> None:
     """Rank 2's transfer thread hangs: peers' p2p waits time out, every rank aborts at the
     same sync, committed layers (none here) stay, the placement stays valid."""
     name = shm_prefix + "job.m0"
     driver = PlanDriver(name, G, plans=1, source="random", seed=4)
-    spec = {
-        "domain": name,
-        "config": {"sync_interval": 2, "p2p_timeout_s": 1.0, "plan_timeout_syncs": 400},
-        "commits": 0,
-        "aborts": 1,
-        "break_rank": 2,
-    }
-    res = run(spec, driver)
+    res = run(_stuck_rank_spec(name, aborts=1), driver)
     check_consistent(res)
     assert res[0]["stats"]["last_error"] == C.ERR_TRANSFER
     aborts = [[h for h in r["stats"]["history"] if h[0] == "abort"] for r in res]
@@ -330,16 +336,7 @@ def test_after_a_failed_transfer_later_plans_are_refused(shm_prefix: str, by_ord
     and the placement in force stays valid. The same on a group that pairs p2p by order."""
     name = shm_prefix + "job.m0"
     driver = PlanDriver(name, G, plans=2, source="random", seed=6)
-    spec = {
-        "domain": name,
-        "config": {"sync_interval": 2, "p2p_timeout_s": 1.0, "plan_timeout_syncs": 400},
-        "commits": 0,
-        "aborts": 2,
-        "break_rank": 2,
-        "hang_once": True,
-        "p2p_by_order": by_order,
-    }
-    res = run(spec, driver)
+    res = run(_stuck_rank_spec(name, aborts=2, hang_once=True, p2p_by_order=by_order), driver)
     check_consistent(res)
     aborts = [[h for h in r["stats"]["history"] if h[0] == "abort"] for r in res]
     assert all(a == aborts[0] for a in aborts) and len(aborts[0]) == 2

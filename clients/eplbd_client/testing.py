@@ -378,12 +378,11 @@ def launch(
     results: dict[int, Any] = {}
     errors: list[str] = []
     import queue as _queue
-    import time as _time
 
-    deadline = _time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) + sum(1 for r in may_die if procs[r].exitcode is not None) < world:
-            left = deadline - _time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0:
                 missing = [r for r in range(world) if r not in results and procs[r].is_alive()]
                 gone = [
@@ -406,13 +405,13 @@ def launch(
                 )
                 if errors or died:
                     # A rank died without reporting (or another failed): give the rest a moment.
-                    deadline = min(deadline, _time.monotonic() + 5)
+                    deadline = min(deadline, time.monotonic() + 5)
                 continue
             if ok:
                 results[rank] = out
             else:
                 errors.append(f"rank {rank}:\n{out}")
-                deadline = min(deadline, _time.monotonic() + 10)
+                deadline = min(deadline, time.monotonic() + 10)
     finally:
         for p in procs:
             p.join(timeout=2)
@@ -524,22 +523,20 @@ class PlanDriver:
             self.error = e
 
     def _run(self) -> None:
-        import time as _time
-
         from eplbd.planner import build_plan
         from eplbd.policy import rebalance
         from eplbd.shm import PLAN_ABORTED, PLAN_COMMITTED, PLAN_REJECTED, Domain
 
         final = (PLAN_COMMITTED, PLAN_ABORTED, PLAN_REJECTED)
-        deadline = _time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout
         dom = None
         while dom is None:
-            if self._stop.is_set() or _time.monotonic() > deadline:
+            if self._stop.is_set() or time.monotonic() > deadline:
                 return
             try:
                 dom = Domain.attach(self.name, writable=True)
             except Exception:
-                _time.sleep(0.01)
+                time.sleep(0.01)
         others = []
         for m in self.mirrors:
             while True:
@@ -547,24 +544,24 @@ class PlanDriver:
                     others.append(Domain.attach(m, writable=True))
                     break
                 except Exception:
-                    if self._stop.is_set() or _time.monotonic() > deadline:
+                    if self._stop.is_set() or time.monotonic() > deadline:
                         raise
-                    _time.sleep(0.01)
+                    time.sleep(0.01)
         try:
             next_wid = self.first_window
             while len(self.published) < self.plans and not self._stop.is_set():
-                if _time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"PlanDriver: {len(self.published)} plans in {self.timeout} s")
                 if self.published:
                     st = dom.read_plan_status()
                     if st.plan_id != self.published[-1] or st.state not in final:
-                        _time.sleep(0.002)
+                        time.sleep(0.002)
                         continue
                     if len(self.statuses) < len(self.published):
                         self.statuses.append(st)
                 wid = dom.latest_window_id()
                 if wid < next_wid:
-                    _time.sleep(0.002)
+                    time.sleep(0.002)
                     continue
                 epoch, p2l = dom.read_placement()
                 if self.source == "random":
@@ -590,9 +587,9 @@ class PlanDriver:
                 if st.plan_id == self.published[-1] and st.state in final:
                     self.statuses.append(st)
                     break
-                if _time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     break
-                _time.sleep(0.002)
+                time.sleep(0.002)
         finally:
             dom.close()
             for o in others:
