@@ -1,6 +1,7 @@
 """Placement-policy benchmark: greedy (DeepSeek-style) vs moveaware, held-out replay and speed.
 
     .venv/bin/python benchmarks/bench_policy.py [TRACE.npy ...] [--json] [--quick] [--tradeoff]
+                                                [--variant KEY=VALUE[,KEY=VALUE]]
 
 1. **Held-out replay** (``eplbd.replay.replay``: window t is served by the plan
    made from the windows before it) on the DeepSeek-V3 shape with the
@@ -37,6 +38,8 @@ algorithm on the sum of the windows, as vLLM's default), ``greedy-global/sum``
 ``greedy-global/<forecast>`` (the same with the forecast the other rows use).
 ``--tradeoff`` adds moveaware rows at fixed (``slack``, ``repair_tolerance``)
 pairs instead of the fitted slack (β against moves, :data:`TRADEOFF`).
+``--variant`` replays moveaware with other options on every trace and compares
+it with the default, paired (:func:`paired_ci`): the check a tuning change needs.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ def _replay_row(
     held = res.beta[res.first_window :]
     h = held.size // 2
     s["beta_half1"], s["beta_half2"] = float(held[:h].mean()), float(held[h:].mean())
+    s["beta_held_out"] = [round(float(x), 6) for x in held]  # per window, for the paired comparison
     # Policy wall time per plan at steady state (the first plan, which places
     # every layer from scratch, left out).
     steady = res.plan_ms[1:]
@@ -145,6 +149,34 @@ def _replay_row(
     s.update(trace=name, geometry=f"L{g.num_layers} E{g.num_experts} R{g.num_ranks} S{g.slots_per_rank} "
              f"N{g.num_nodes} G{g.num_groups}", windows=int(trace.shape[0]))  # fmt: skip
     return s
+
+
+#: Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95%); beyond 30 the normal's 1.96
+#: is within 2% (2.04 at 30).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray, block: int) -> tuple[float, float, int]:
+    """95% interval of mean(a - b) for held-out β series a, b [n] of one trace, and the number of blocks.
+
+    Windows served by one plan share a placement, so their differences are
+    correlated; the blocks of ``block`` consecutive windows (one plan
+    interval each; a shorter last one is dropped) are taken as the
+    independent samples, and the interval is Student's t on their means:
+    mean ± t(0.975, k - 1) · sd / √k over k blocks. With few blocks (the
+    whole-workload traces: 3-5) the interval is wide, as it should be.
+    (nan, nan, k) when k < 2.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    k = d.size // max(block, 1)
+    if k < 2:
+        return float("nan"), float("nan"), k
+    m = d[: k * block].reshape(k, block).mean(axis=1)
+    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
+    half = t * float(m.std(ddof=1)) / math.sqrt(k)
+    return float(m.mean()) - half, float(m.mean()) + half, k
 
 
 def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = True) -> dict:
@@ -249,7 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="synthetic: add moveaware rows at fixed (slack, repair_tolerance) pairs (β against moves)",
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also replay moveaware with these options on every trace and compare it with the default "
+        "moveaware, paired (repeatable), e.g. count_ratio=1.1",
+    )
     args = ap.parse_args(argv)
+    variants = [_options(v.split(",")) for v in args.variant]
     if args.quick:
         args.windows, args.repeats = 60, 5
     g = Geometry.deepseek_v3()
@@ -257,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"adaptive": not args.fixed_slack, "min_gain": args.min_gain, "options": _options(args.option)}
     sname = "synthetic-deepseek-v3"
     rows = [] if args.no_synthetic else run_replays(sname, synth, g, 10, 10, args.forecast, **kw)
+    cases = [] if args.no_synthetic else [(sname, synth, g, 10, 10)]  # what --variant replays
     if not args.no_synthetic and not args.no_references:
         rows += reference_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain)
     if not args.no_synthetic and args.tradeoff:
@@ -273,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         interval, history = cadence(T)
         rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast, **kw)
+        cases.append((name, tr, geometry_for(L, E), interval, history))
+    for v in variants:
+        for name, tr, geo, interval, history in cases:
+            r = _replay_row(name, tr, geo, "moveaware", interval, history, args.forecast,
+                            **{**kw, "options": {**kw["options"], **v}})  # type: ignore[dict-item]  # fmt: skip
+            r["policy"] = "moveaware " + ",".join(f"{k}={x:g}" for k, x in v.items())
+            rows.append(r)
     sp = {} if args.no_speed else speed(g, args.repeats, args.forecast, max(1, args.repeats // 10),
                                         not args.fixed_slack)  # fmt: skip
     if args.json:
@@ -296,16 +345,28 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["trace"], r["policy"]): r for r in rows}
     print(
         "\nmoveaware vs greedy (steady remote moves ratio; beta difference: all / 1st / 2nd half of the "
-        "held-out windows):"
+        "held-out windows, and its 95% interval over k plan intervals, see paired_ci):"
     )
     for tname in dict.fromkeys(r["trace"] for r in rows):
         a, b = by[(tname, "moveaware")], by[(tname, "greedy")]
         ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
         d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
+        lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
         print(
             f"  {tname:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
-            f"first plan {a['plan_ms_max']:.0f} ms"
+            f"95% [{lo:+.4f}, {hi:+.4f}] k={k}  first plan {a['plan_ms_max']:.0f} ms"
         )
+    alts = [r for r in rows if r["policy"].startswith("moveaware ")]
+    if alts:
+        print("\nvariants vs the default moveaware (steady remote moves per plan: default -> variant; beta "
+              "difference as above):")  # fmt: skip
+    for r in alts:
+        a = by[(r["trace"], "moveaware")]
+        mv = f"{a['moves_remote_steady_per_plan']:.1f} -> {r['moves_remote_steady_per_plan']:.1f}"
+        d = [r[k] - a[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
+        lo, hi, k = paired_ci(np.array(r["beta_held_out"]), np.array(a["beta_held_out"]), a["interval"])
+        print(f"  {r['trace'][:30]:<30} {r['policy'][10:]:<36} moves {mv:<18} beta {d[0]:+.4f} / "
+              f"{d[1]:+.4f} / {d[2]:+.4f}  95% [{lo:+.4f}, {hi:+.4f}] k={k}")  # fmt: skip
     refs = [r for r in rows if r["trace"] == sname and r["policy"].startswith("greedy-")]
     if refs:
         a = by[(sname, "moveaware")]
@@ -313,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         for b in refs:
             ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
             d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
-            print(f"  {b['policy']:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}")
+            lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
+            print(f"  {b['policy']:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
+                  f"95% [{lo:+.4f}, {hi:+.4f}] k={k}")  # fmt: skip
     return 0
 
 

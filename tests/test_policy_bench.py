@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -55,3 +56,39 @@ def test_tradeoff_rows_use_fixed_settings(bench: ModuleType) -> None:
         assert r["beta_mean"] == want["beta_mean"]
         assert r["moves_remote_total"] == want["moves_remote_total"]
         assert r["policy"] == f"moveaware s={sl:g} rt={rt:g}"
+
+
+def test_paired_ci_blocks_by_plan_interval(bench: ModuleType) -> None:
+    # Block means of a - b: [0.01, 0.03, 0.02] (the trailing partial block is dropped).
+    b = np.full(7, 0.8)
+    a = b + np.array([0.0, 0.02, 0.02, 0.04, 0.01, 0.03, 9.0])
+    lo, hi, k = bench.paired_ci(a, b, 2)
+    assert k == 3
+    half = 4.303 * 0.01 / np.sqrt(3)  # t(0.975, 2) x sd / sqrt(k)
+    assert (lo, hi) == pytest.approx((0.02 - half, 0.02 + half))
+    # Differences that vary only inside blocks: the interval is the mean itself.
+    flat = bench.paired_ci(b[:6] + np.tile([0.01, -0.01], 3), b[:6], 2)
+    assert flat[:2] == pytest.approx((0.0, 0.0), abs=1e-15)
+    # One block: no interval.
+    lo, hi, k = bench.paired_ci(a[:3], b[:3], 3)
+    assert k == 1 and np.isnan(lo) and np.isnan(hi)
+
+
+def test_variant_rows_replay_moveaware_with_the_options(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tr = drifting_trace(12, 2, 16, seed=5)
+    path = tmp_path / "t" / "loads.npy"
+    path.parent.mkdir()
+    np.save(path, tr)
+    argv = [str(path), "--no-synthetic", "--no-speed", "--json", "--variant", "count_ratio=1.1,slack=0.03"]
+    assert bench.main(argv) == 0
+    rows = {r["policy"]: r for r in json.loads(capsys.readouterr().out)["replay"]}
+    assert set(rows) == {"greedy", "moveaware", "moveaware count_ratio=1.1,slack=0.03"}
+    g = bench.geometry_for(2, 16)
+    interval, history = bench.cadence(12)
+    want = replay(tr, g, "moveaware", interval, history, options={"count_ratio": 1.1, "slack": 0.03})
+    got = rows["moveaware count_ratio=1.1,slack=0.03"]
+    assert got["beta_held_out"] == [round(float(x), 6) for x in want.beta[want.first_window :]]
+    assert got["moves_remote_total"] == want.summary()["moves_remote_total"]
+    assert got["beta_held_out"] != rows["moveaware"]["beta_held_out"]  # the options took effect
