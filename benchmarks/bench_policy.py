@@ -134,6 +134,10 @@ def _replay_row(
     name: str, trace: np.ndarray, g: Geometry, pol: str, interval: int, history: int, fc: str, **kwp: object
 ) -> dict:
     """One held-out replay's summary with the bench's extra figures."""
+    opts = kwp.get("options") or {}
+    label = pol + "".join(f" {k}={v}" for k, v in opts.items())  # type: ignore[union-attr]
+    print(f"bench_policy: replaying {name} ({trace.shape[0]} windows), {label}, forecast {fc}",
+          file=sys.stderr, flush=True)  # fmt: skip  # progress: a full run takes minutes
     res = replay(trace, g, pol, interval, history, fc, **kwp)  # type: ignore[arg-type]
     s = res.summary()
     # Split check against tuning on the figures reported: β over the first
@@ -183,6 +187,8 @@ def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool 
     tr = drifting_trace(40, g.num_layers, g.num_experts, 0, **DEEPSEEK_LIKE)  # type: ignore[arg-type]
     out: dict = {"geometry": g.to_dict(), "repeats": repeats}
     for pol in POLICIES:
+        msg = f"bench_policy: timing {pol} ({repeats} calls + {loop_repeats} per-layer loops)"
+        print(msg, file=sys.stderr, flush=True)
         cur = default_phy2log(g)
         for t in (10, 20):  # reach a steady state
             cur = propose(tr[t - 10 : t], cur, g, policy=pol, forecast=fc, adaptive=adaptive).phy2log
@@ -343,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  synthetic replay, steady plans: {r['policy']:<10} {r['plan_ms_steady_median']:.2f} ms "
                   "median (policy call incl. the adaptive slack estimate, wall time)")  # fmt: skip
     by = {(r["trace"], r["policy"]): r for r in rows}
-    print(
-        "\nmoveaware vs greedy (steady remote moves ratio; beta difference: all / 1st / 2nd half of the "
-        "held-out windows, and its 95% interval over k plan intervals, see paired_ci):"
-    )
+    if rows:
+        print(
+            "\nmoveaware vs greedy (steady remote moves ratio; beta difference: all / 1st / 2nd half of the "
+            "held-out windows, and its 95% interval over k plan intervals, see paired_ci):"
+        )
     for tname in dict.fromkeys(r["trace"] for r in rows):
         a, b = by[(tname, "moveaware")], by[(tname, "greedy")]
         ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)

@@ -26,6 +26,10 @@ when the trace is too short for a plan):
   cross-node: from another node), ``moves_remote_first`` for the first plan and
   ``moves_remote_steady_per_plan`` the mean over the later ones.
 - ``plan_ms_median``: wall time of the policy call (all layers) per plan.
+
+Progress: the CLI prints a line to stderr at most every
+:data:`PROGRESS_EVERY_S` seconds while it replays (window, plans, β so far),
+so a long trace is never silent; the summary goes to stdout.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,6 +52,12 @@ from eplbd.policy.pipeline import DEFAULT_ADAPTIVE, DEFAULT_FORECAST, DEFAULT_FO
 from eplbd.synthetic import DEEPSEEK_LIKE, drifting_trace
 
 __all__ = ["TraceError", "ReplayResult", "validate_trace", "replay", "configure_parser", "run_cli"]
+
+#: seconds between two progress lines of the CLI (stderr)
+PROGRESS_EVERY_S = 2.0
+
+#: progress(windows done, windows in all, held-out β so far or nan, plans so far)
+Progress = Callable[[int, int, float, int], None]
 
 
 class TraceError(ValueError):
@@ -151,6 +163,7 @@ def replay(
     min_gain: float = DEFAULT_MIN_GAIN,
     max_moves: int = 0,
     forecast_alpha: float = DEFAULT_FORECAST_ALPHA,
+    progress: Progress | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` [T, L, E] on geometry ``g`` (L, E must match); see the module docstring.
 
@@ -160,7 +173,7 @@ def replay(
     daemon decides. With ``adaptive`` (the default, as the daemon) and policy moveaware, each
     plan's ``slack`` comes from :func:`eplbd.policy.suggest_slack` on its
     history windows, unless ``options`` sets it. A plan the gate skips counts
-    as a plan with no moves.
+    as a plan with no moves. ``progress`` (optional) is called after each window.
     """
     a = validate_trace(trace)
     T, L, E = a.shape
@@ -179,6 +192,7 @@ def replay(
     stats_static = np.empty(T)
     res = ReplayResult(policy, interval, history, forecast_method, interval if interval < T else 0,
                        *(np.empty(0) for _ in range(4)), [], [], [], [], [], [], [])  # fmt: skip
+    held_sum = 0.0  # Σ β of the held-out windows so far (progress only)
     for t in range(T):
         if t > 0 and t % interval == 0:
             prop = propose(a[max(0, t - history) : t], cur, g, policy=policy, forecast=forecast_method,
@@ -197,6 +211,11 @@ def replay(
             cur = new
         stats[t] = _window_stats(a[t], cur, g)
         stats_static[t] = _beta(a[t], static, g)
+        if progress is not None:
+            if t >= res.first_window:
+                held_sum += stats[t, 0]
+            n = t + 1 - res.first_window
+            progress(t + 1, T, held_sum / n if n > 0 else float("nan"), len(res.plan_windows))
     res.beta, res.beta_hindsight, res.peak_gap = stats[:, 0], stats[:, 1], stats[:, 2]
     res.beta_static = stats_static
     return res
@@ -316,13 +335,30 @@ def _table(s: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def _stderr_progress() -> Progress:
+    """A progress callback printing to stderr at most every :data:`PROGRESS_EVERY_S` seconds."""
+    t0 = time.monotonic()
+    last = [t0]
+
+    def show(done: int, total: int, beta: float, plans: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        b = "-" if beta != beta else f"{beta:.4f}"
+        print(f"eplbd replay: window {done}/{total} ({done / total:.0%}), {plans} plans, held-out β so far "
+              f"{b}, {now - t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+    return show
+
+
 def run_cli(args: argparse.Namespace) -> int:
     try:
         trace, g = _load(args)
         res = replay(trace, g, args.policy, args.interval, args.history, args.forecast, _options(args.option),
                      adaptive=not args.fixed_slack, min_gain=args.min_gain,
-                     max_moves=args.max_moves,
-                     forecast_alpha=args.forecast_alpha)  # fmt: skip
+                     max_moves=args.max_moves, forecast_alpha=args.forecast_alpha,
+                     progress=_stderr_progress())  # fmt: skip
     except (ValueError, TypeError) as e:  # TraceError, GeometryError, bad options
         print(f"eplbd replay: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eplbd import replay as replay_mod
 from eplbd.cli import main
 from eplbd.geometry import Geometry
 from eplbd.placement import balancedness, default_phy2log
@@ -142,3 +143,25 @@ def test_validate_trace_returns_float() -> None:
     assert a.dtype == np.float64
     with pytest.raises(TraceError):
         validate_trace([[1, 2]])
+
+
+def test_progress(
+    trace_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = np.load(trace_file)
+    g = Geometry(tr.shape[1], tr.shape[2], 4, 5)
+    calls: list[tuple[int, int, float, int]] = []
+    res = replay(tr, g, interval=5, history=5, progress=lambda *a: calls.append(a))
+    T = tr.shape[0]
+    assert [c[:2] for c in calls] == [(t, T) for t in range(1, T + 1)]
+    assert all(np.isnan(c[2]) for c in calls[:5])
+    assert calls[-1][2] == pytest.approx(res.summary()["beta_mean"])
+    assert [c[3] for c in calls][4:6] == [0, 1]  # the plan at window 5 serves window 5 on
+    # The CLI prints (rate-limited) progress lines to stderr, the summary alone to stdout.
+    monkeypatch.setattr(replay_mod, "PROGRESS_EVERY_S", 0.0)
+    geo = ("--ranks", "4", "--nodes", "1", "--slots-per-rank", "5")
+    rc, out, err = run(capsys, str(trace_file), *geo, "--json")
+    assert rc == 0
+    json.loads(out)
+    lines = err.splitlines()
+    assert len(lines) == T and lines[-1].startswith(f"eplbd replay: window {T}/{T} (100%)")
