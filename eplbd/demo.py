@@ -162,7 +162,7 @@ def _model_class() -> type:
     """TinyMoE with one abrupt routing shift (torch is imported here, in the ranks only)."""
     from eplbd_client.testing import TinyMoE
 
-    class DemoMoE(TinyMoE):  # type: ignore[misc, valid-type]
+    class DemoMoE(TinyMoE):
         """TinyMoE whose routing hot spot jumps half-way round the experts at ``shift_step``.
 
         ``TinyMoE.route`` centres the hot spot at ``layer * E / L + step / drift_period``;
@@ -490,12 +490,14 @@ def _rank_entry(rank: int, world: int, port: int, args: tuple[Any, ...], q: Any)
         signal.signal(sig, signal.SIG_DFL)
     _die_with_parent(signal.SIGKILL)
     code = 0
-    dist = None
+    dist: Any = None  # torch.distributed once imported
     try:
         import datetime
 
         import torch
-        import torch.distributed as dist
+        import torch.distributed
+
+        dist = torch.distributed
 
         torch.set_num_threads(1)  # R ranks share the machine's cores
         dist.init_process_group(

@@ -177,7 +177,7 @@ def count_moves(old: np.ndarray, new: np.ndarray, g: Geometry) -> MoveCounts:
     li = np.repeat(np.arange(L), R * S)
     ri = np.tile(np.repeat(np.arange(R), S), L)
     on_rank[li, ri, old.ravel()] = True
-    on_node = on_rank.reshape(L, g.num_nodes, g.ranks_per_node, E).any(axis=2)
+    on_node = np.asarray(on_rank.reshape(L, g.num_nodes, g.ranks_per_node, E).any(axis=2))
     l, p = np.nonzero(changed)
     e = new[l, p]
     r = p // S

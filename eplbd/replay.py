@@ -190,8 +190,9 @@ def replay(
     cur = static.copy()
     stats = np.empty((T, 3))
     stats_static = np.empty(T)
+    empty = np.empty(0)
     res = ReplayResult(policy, interval, history, forecast_method, interval if interval < T else 0,
-                       *(np.empty(0) for _ in range(4)), [], [], [], [], [], [], [])  # fmt: skip
+                       empty, empty, empty, empty, [], [], [], [], [], [], [])  # fmt: skip
     held_sum = 0.0  # Σ β of the held-out windows so far (progress only)
     for t in range(T):
         if t > 0 and t % interval == 0:

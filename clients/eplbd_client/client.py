@@ -392,7 +392,7 @@ class _RecvBuf:
         self.words = self.mat[:, ls:]
         # Each rank's words as a byte view: ``b"".join(word_rows)`` is the
         # packed matrix for control.quiet_bytes without any numpy call.
-        raw = memoryview(self.mat).cast("B")
+        raw = self.mat.data.cast("B")
         row, rb = self.mat.shape[1] * 8, C.WORDS_STRUCT.size
         self.word_rows = [raw[r * row + ls * 8 : r * row + ls * 8 + rb] for r in range(world)]
         self.busy = False
@@ -591,11 +591,11 @@ class EplbClient:
         # (one memoryview slice assignment): core Python, no numpy dispatch.
         if comm_device.type == "cpu" and self._comm_same_device:
             # _pack writes the words straight into the send buffer's tail.
-            self._words_dst = [(memoryview(a).cast("B"), ls * 8) for a in self._send_np if a is not None]
+            self._words_dst = [(a.data.cast("B"), ls * 8) for a in self._send_np if a is not None]
         else:
-            self._words_dst = [(memoryview(self._words_np).cast("B"), 0)] * nb
+            self._words_dst = [(self._words_np.data.cast("B"), 0)] * nb
         self._counts_mv = [
-            memoryview(a[:ls]).cast("B") if a is not None and self._comm_same_device else None
+            a[:ls].data.cast("B") if a is not None and self._comm_same_device else None
             for a in self._send_np
         ]
         self._zeros = bytes(ls * 8)
@@ -684,13 +684,13 @@ class EplbClient:
                 err = f"{type(e).__name__}: {e}"
         info: list[Any] = [None] * self.world
         dist.all_gather_object(info, (os.getpid(), err), group=group)
-        failed = [(r, e) for r, (_, e) in enumerate(info) if e]
+        failed = [(r, msg) for r, (_, msg) in enumerate(info) if msg]
         if failed:
             if self._dom_w is not None:
                 self._dom_w.unlink()
                 self._dom_w.close()
-            r, e = failed[0]
-            raise RuntimeError(f"eplbd_client: node leader rank {r} could not create its shm domain: {e}")
+            r, msg = failed[0]
+            raise RuntimeError(f"eplbd_client: node leader rank {r} could not create its shm domain: {msg}")
         if self._dom_w is not None:
             self._dom_w.set_rank_pids(
                 [int(pid) for r, (pid, _) in enumerate(info) if r // self.rpn == self.node]
@@ -1423,16 +1423,15 @@ class EplbClient:
     # ------------------------------------------------------------------ leader: shm writes
     def _queue_status(self, status: PlanStatus) -> None:
         if self._pub is not None:
-            self._defer(
-                self._pub, lambda: self._pub_call("plan status", self._dom_w.write_plan_status, status)
-            )
+            dom = self._dom_w
+            assert dom is not None  # the leader made it
+            self._defer(self._pub, lambda: self._pub_call("plan status", dom.write_plan_status, status))
 
     def _queue_placement(self) -> None:
         if self._pub is not None:
-            epoch, p2l = self.state.epoch, self._phy2log
-            self._defer(
-                self._pub, lambda: self._pub_call("placement", self._dom_w.write_placement, epoch, p2l)
-            )
+            epoch, p2l, dom = self.state.epoch, self._phy2log, self._dom_w
+            assert dom is not None  # the leader made it
+            self._defer(self._pub, lambda: self._pub_call("placement", dom.write_placement, epoch, p2l))
 
     def _pub_call(self, what: str, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -363,7 +363,7 @@ def launch(
     raises "Cannot re-initialize CUDA in forked subprocess" (``fn`` must then be picklable:
     a module-level function).
     """
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)  # typeshed's BaseContext has no Process
     q = ctx.Queue()
     port = free_port()
     procs = [

@@ -105,11 +105,11 @@ def staging_gates(need: np.ndarray, capacity: int) -> np.ndarray:
     """
     n = need.shape[0]
     if n and int(need.max()) > capacity:
-        j, r = np.unravel_index(int(np.argmax(need)), need.shape)
+        big, r = np.unravel_index(int(np.argmax(need)), need.shape)
         raise TransferError(
             ERR_STAGING,
             f"max_staged_experts={capacity} < {int(need.max())} experts rank {r} stages in one layer "
-            f"(changed layer #{j})",
+            f"(changed layer #{big})",
         )
     csum = np.vstack([np.zeros((1, need.shape[1]), np.int64), np.cumsum(need, axis=0, dtype=np.int64)])
     gate = np.zeros(n, dtype=np.int64)
@@ -358,13 +358,13 @@ class PlanTransfer:
             # staging stream and this thread: a copy from host memory on the forward
             # thread would make it wait for its stream at the commit.
             to_dev = self.dev.to_device
-            dst = to_dev(writes["dst_slot"])
+            dst_dev = to_dev(writes["dst_slot"])
             entries_dev = to_dev(entries)
             tables = LayerTables.build(
                 self.plan.phy2log[layer], self.log2phy[layer], self.replica_count[layer], self.dev
             )
             ev = self.dev.record_event(self.stream)
-        return _Staged(layer, dst, entries_dev, tables, ev)
+        return _Staged(layer, dst_dev, entries_dev, tables, ev)
 
     def _run_round(self, p2p: list[dist.P2POp], layer: int, rnd: int) -> None:
         if not p2p:
@@ -432,8 +432,8 @@ class PlanTransfer:
             w = self.host.expert_weights(st.layer)
             if self.dev.has_streams:  # made on the staging stream, used on this one
                 cur = self.dev.current_stream()
-                for t in (st.dst, st.entries, *st.tables.tensors()):
-                    t.record_stream(cur)
+                for x in (st.dst, st.entries, *st.tables.tensors()):
+                    x.record_stream(cur)
             if st.dst.numel():
                 for t, wt in enumerate(w):
                     wt.index_copy_(0, st.dst, self._pool[t].index_select(0, st.entries))  # type: ignore[index]

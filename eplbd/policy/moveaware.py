@@ -370,6 +370,7 @@ def moveaware(
     out = cur.copy()
     if rows.size == 0:
         return out  # nothing moves, so no layer is placed from scratch either (step 7)
+    sub: slice | np.ndarray
     if rows.size == L:  # every layer (the usual steady state): no copies
         wr, mr, lbr, curr, sub = w, mean, lb, cur, slice(None)
     else:
@@ -476,7 +477,7 @@ def _incremental(
     # Slots whose expert loses replicas (li, pi) or gains some (marks for the fill).
     change = take_rows(counts - c0, cur64)
     li, pi = np.nonzero(change < 0)
-    marks = np.nonzero(change > 0)
+    ml, mp = np.nonzero(change > 0)
     if li.size:
         x, r = cur64[li, pi], pi // S
         # Loads of just those slots' ranks (the same sums as over all ranks).
@@ -492,7 +493,7 @@ def _incremental(
         li, pi = li[drop], pi[drop]
         new[li, pi] = -1
     # Fill the deficits, preferring nodes that hold a source copy.
-    dups = _fill(new, w, counts, np.maximum(counts - c0, 0), g, cur64, node_penalty, (li, pi), marks)
+    dups = _fill(new, w, counts, np.maximum(counts - c0, 0), g, cur64, node_penalty, (li, pi), (ml, mp))
     new = new.astype(np.int32)
     if dups.size:
         repair_duplicates(new, w, E, S, dups)

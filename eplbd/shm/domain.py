@@ -17,7 +17,7 @@ import os
 import time
 import zlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import posix_ipc
@@ -220,12 +220,12 @@ def _read_prefix(fd: int) -> tuple[bytes, int, float, int]:
     return magic, pid, start, created
 
 
-def _parse_header(name: str, head: bytes) -> dict[str, object]:
+def _parse_header(name: str, head: bytes) -> dict[str, Any]:
     vals = lay.HEADER.unpack_from(head, 0)
     h = dict(zip(lay.HEADER_FIELDS, vals, strict=True))
     magic = h["magic"]
     if magic == b"\0" * 8:
-        pid, start = int(h["owner_pid"]), float(h["owner_start"])  # type: ignore[arg-type]
+        pid, start = int(h["owner_pid"]), float(h["owner_start"])
         state = "alive" if _pid_alive(pid, start) else "dead"
         raise LayoutError(
             f"domain {name!r}: incomplete segment: header not written yet "
@@ -248,7 +248,7 @@ def _parse_header(name: str, head: bytes) -> dict[str, object]:
     return h
 
 
-def _geometry_from_header(name: str, h: dict[str, object]) -> Geometry:
+def _geometry_from_header(name: str, h: dict[str, Any]) -> Geometry:
     try:
         return Geometry(**{f: h[f] for f in lay.GEOMETRY_FIELDS})
     except GeometryError as e:
@@ -525,7 +525,7 @@ class Domain:
             h = _parse_header(name, head)
             g = _geometry_from_header(name, h)
             try:
-                lo = lay.compute_layout(g, int(h["ring_capacity"]))  # type: ignore[call-overload]
+                lo = lay.compute_layout(g, int(h["ring_capacity"]))
             except ValueError as e:
                 raise LayoutError(f"domain {name!r}: header field ring_capacity: {e}") from None
             for field, want in lo.offsets().items():
@@ -560,9 +560,9 @@ class Domain:
             lo,
             writable,
             int(h["owner_pid"]),
-            float(h["owner_start"]),  # type: ignore[arg-type]
+            float(h["owner_start"]),
             int(h["created_ns"]),
-        )  # type: ignore[call-overload]
+        )
 
     def close(self) -> None:
         """Unmap (idempotent). Arrays returned earlier are copies and stay valid."""
@@ -858,7 +858,7 @@ class Domain:
         if vals[0] != 1:
             raise LayoutError(f"domain {self.name!r} daemon info: valid flag {vals[0]} in payload")
         dec = vals[8].rstrip(b"\0").decode("utf-8", errors="replace")
-        return DaemonInfo(*vals[1:8], dec, *vals[9:])
+        return DaemonInfo(*[*vals[1:8], dec, *vals[9:]])
 
     # ------------------------------------------------------------ doorbell
 

@@ -69,9 +69,9 @@ class SeqRegion:
         """
         f = np.zeros(REGION_FIELDS, dtype="<i8")
         f[: len(fields)] = fields
-        crc = zlib.crc32(f)
+        crc = zlib.crc32(f.data)
         for _, src in parts:
-            crc = zlib.crc32(src, crc)
+            crc = zlib.crc32(src.data, crc)
         s = int(self._seq[0])
         # An odd seq means a previous writer died mid-write: skip to the next odd
         # value, so no reader can match a seq it saw before that write.
@@ -108,9 +108,9 @@ class SeqRegion:
                 copies = [v.copy() for v in views] if views is not None else []
                 if int(seq_view[0]) == s1:
                     if views is not None:
-                        crc = zlib.crc32(meta[8:])
+                        crc = zlib.crc32(meta[8:].data)
                         for c in copies:
-                            crc = zlib.crc32(c, crc)
+                            crc = zlib.crc32(c.data, crc)
                         if crc == int(meta[:4].view("<u4")[0]):
                             return fields, copies
                     # Stable seq but bad content: a stale view on a weakly ordered
