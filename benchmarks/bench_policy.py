@@ -135,7 +135,8 @@ def _replay_row(
 ) -> dict:
     """One held-out replay's summary with the bench's extra figures."""
     opts = kwp.get("options") or {}
-    label = pol + "".join(f" {k}={v}" for k, v in opts.items())  # type: ignore[union-attr]
+    assert isinstance(opts, dict)
+    label = pol + "".join(f" {k}={v}" for k, v in opts.items())
     print(f"bench_policy: replaying {name} ({trace.shape[0]} windows), {label}, forecast {fc}",
           file=sys.stderr, flush=True)  # fmt: skip  # progress: a full run takes minutes
     res = replay(trace, g, pol, interval, history, fc, **kwp)  # type: ignore[arg-type]
@@ -181,6 +182,53 @@ def paired_ci(a: np.ndarray, b: np.ndarray, block: int) -> tuple[float, float, i
     t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
     half = t * float(m.std(ddof=1)) / math.sqrt(k)
     return float(m.mean()) - half, float(m.mean()) + half, k
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """moveaware vs greedy per trace: Δβ, its :func:`paired_ci` interval and the steady moves ratio."""
+    by = {(r["trace"], r["policy"]): r for r in rows}
+    out = []
+    for tname in dict.fromkeys(r["trace"] for r in rows):
+        a, b = by.get((tname, "moveaware")), by.get((tname, "greedy"))
+        if a is None or b is None:
+            continue
+        lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
+        out.append({"trace": tname, "d_beta": a["beta_mean"] - b["beta_mean"], "lo": lo, "hi": hi, "k": k,
+                    "moves_ratio": a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"],
+                                                                           1e-9)})  # fmt: skip
+    return out
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Forest plot of moveaware − greedy held-out β per trace with 95% intervals, and the moves ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmp = comparisons(rows)
+    if not cmp:
+        raise SystemExit("--plot: no trace has both a greedy and a moveaware row")
+    y = np.arange(len(cmp))[::-1]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.42 * len(cmp) + 1.6), sharey=True,
+                                   width_ratios=[3, 2])  # fmt: skip
+    for yi, c in zip(y, cmp, strict=True):
+        color = "C2" if c["lo"] > 0 else "C3" if c["hi"] < 0 else "C7"
+        if np.isfinite(c["lo"]):
+            ax1.plot([c["lo"], c["hi"]], [yi, yi], color=color, lw=2)
+        ax1.plot(c["d_beta"], yi, "o", color=color)
+    ax1.axvline(0, color="k", lw=0.8)
+    ax1.set_yticks(y, [f"{c['trace'][:38]} (k={c['k']})" for c in cmp], fontsize=8)
+    ax1.set_xlabel("held-out β: moveaware − greedy (95% interval over k plan intervals)")
+    ax1.set_title("balance: green ahead, red behind, grey within the noise")
+    ratio = np.array([c["moves_ratio"] for c in cmp]) * 100
+    ax2.barh(y, ratio, color=["C0" if r <= 10 else "C1" for r in ratio])
+    ax2.axvline(10, color="k", lw=0.8, ls="--")
+    ax2.set_xlabel("steady remote moves per plan, % of greedy's (≤ 10%)")
+    ax2.set_title("moves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def speed(g: Geometry, repeats: int, fc: str, loop_repeats: int, adaptive: bool = True) -> dict:
@@ -295,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also replay moveaware with these options on every trace and compare it with the default "
         "moveaware, paired (repeatable), e.g. count_ratio=1.1",
     )
+    ap.add_argument(
+        "--plot", metavar="PNG", help="draw moveaware vs greedy per trace (Δβ with intervals, moves ratio)"
+    )
     args = ap.parse_args(argv)
     variants = [_options(v.split(",")) for v in args.variant]
     if args.quick:
@@ -308,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_synthetic and not args.no_references:
         rows += reference_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain)
     if not args.no_synthetic and args.tradeoff:
-        rows += tradeoff_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain, kw["options"])  # type: ignore[arg-type]
+        rows += tradeoff_rows(sname, synth, g, 10, 10, args.forecast, args.min_gain, kw["options"])
     skipped = []
     for path in args.traces:
         name = Path(path).parent.name or Path(path).stem
@@ -325,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         for name, tr, geo, interval, history in cases:
             r = _replay_row(name, tr, geo, "moveaware", interval, history, args.forecast,
-                            **{**kw, "options": {**kw["options"], **v}})  # type: ignore[dict-item]  # fmt: skip
+                            **{**kw, "options": {**kw["options"], **v}})  # fmt: skip
             r["policy"] = "moveaware " + ",".join(f"{k}={x:g}" for k, x in v.items())
             rows.append(r)
     sp = {} if args.no_speed else speed(g, args.repeats, args.forecast, max(1, args.repeats // 10),
                                         not args.fixed_slack)  # fmt: skip
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         print(json.dumps({"replay": rows, "speed": sp, "skipped": skipped}, indent=2))
         return 0
@@ -354,14 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             "\nmoveaware vs greedy (steady remote moves ratio; beta difference: all / 1st / 2nd half of the "
             "held-out windows, and its 95% interval over k plan intervals, see paired_ci):"
         )
-    for tname in dict.fromkeys(r["trace"] for r in rows):
-        a, b = by[(tname, "moveaware")], by[(tname, "greedy")]
-        ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
+    for c in comparisons(rows):
+        a, b = by[(c["trace"], "moveaware")], by[(c["trace"], "greedy")]
         d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
-        lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
         print(
-            f"  {tname:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
-            f"95% [{lo:+.4f}, {hi:+.4f}] k={k}  first plan {a['plan_ms_max']:.0f} ms"
+            f"  {c['trace']:<42} moves {c['moves_ratio']:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / "
+            f"{d[2]:+.4f}  95% [{c['lo']:+.4f}, {c['hi']:+.4f}] k={c['k']}  "
+            f"first plan {a['plan_ms_max']:.0f} ms"
         )
     alts = [r for r in rows if r["policy"].startswith("moveaware ")]
     if alts:

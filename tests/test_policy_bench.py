@@ -92,3 +92,22 @@ def test_variant_rows_replay_moveaware_with_the_options(
     assert got["beta_held_out"] == [round(float(x), 6) for x in want.beta[want.first_window :]]
     assert got["moves_remote_total"] == want.summary()["moves_remote_total"]
     assert got["beta_held_out"] != rows["moveaware"]["beta_held_out"]  # the options took effect
+
+
+def test_comparisons_and_plot(bench: ModuleType, tmp_path: Path) -> None:
+    g = Geometry(2, 16, 4, 5)
+    rows = []
+    for name, seed in (("a", 1), ("b", 2)):
+        rows += bench.run_replays(name, drifting_trace(25, 2, 16, seed=seed), g, 5, 5, "auto",
+                                  adaptive=True, min_gain=0.0, options={})  # fmt: skip
+    cmp = bench.comparisons(rows)
+    assert [c["trace"] for c in cmp] == ["a", "b"]
+    by = {(r["trace"], r["policy"]): r for r in rows}
+    for c in cmp:
+        m, gr = by[(c["trace"], "moveaware")], by[(c["trace"], "greedy")]
+        assert c["d_beta"] == m["beta_mean"] - gr["beta_mean"]
+        lo, hi, k = bench.paired_ci(np.array(m["beta_held_out"]), np.array(gr["beta_held_out"]), 5)
+        assert (c["lo"], c["hi"], c["k"]) == (lo, hi, k) and k == 4
+    png = tmp_path / "p.png"
+    bench.plot(rows, str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
