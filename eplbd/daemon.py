@@ -84,6 +84,7 @@ from eplbd.shm import (
     DaemonInfo,
     Domain,
     PlanStatus,
+    TornReadError,
     list_domains,
 )
 from eplbd.shm.names import segment_path
@@ -208,7 +209,17 @@ class DomainWorker(threading.Thread):
     def resume_point(self) -> None:
         """Rebuild what was already decided from shm alone."""
         dom = self.dom
-        info = dom.read_daemon_info()
+        try:
+            info = dom.read_daemon_info()
+        except TornReadError:
+            if not dom.daemon_info_mid_write():
+                raise  # content failing its CRC at a stable sequence: corrupt
+            # This daemon holds the segment lock, so no live daemon writes the region: a
+            # predecessor was killed inside a heartbeat. write_info() writes a new version;
+            # only its last handled window is lost (plan ids come from the plan word).
+            self.d.log.warning("daemon info left mid-write by a previous daemon; rewriting it",
+                               domain=self.name_)  # fmt: skip
+            info = None
         self.handled = max(dom.latest_plan_id(), info.last_window if info is not None else -1)
         self.last_seen = max(self.handled, -1)
 

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from daemon_harness import (
     Leader,
     child_env,
     cleanup_prefix,
+    leader,
     skewed_loads,
     unique_prefix,
     wait_for,
@@ -203,3 +205,44 @@ def test_kill9_never_exposes_half_plan_and_restart_resumes(tmp_path: Path, prefi
     # At least one SIGKILL really landed inside publish_plan and left a slot half-written;
     # the reader above never accepted it.
     assert mid_publish >= 1, f"no kill landed mid-publish ({mid_publish}/8)"
+
+
+
+def _info_pid(dom: Any) -> int | None:
+    """The pid in the domain's daemon info; None while there is none or it cannot be read."""
+    from eplbd.shm import TornReadError
+
+    try:
+        info = dom.read_daemon_info()
+    except TornReadError:
+        return None
+    return None if info is None else info.pid
+
+
+def test_restart_after_kill_mid_daemon_info_write(tmp_path: Path, prefix: str) -> None:
+    """A daemon killed inside its heartbeat write leaves the daemon-info seqlock odd. The next
+    daemon (the only possible writer: it holds the segment lock) must take over, not give up."""
+    from eplbd.shm.layout import compute_layout
+
+    g = Geometry(2, 8, 4, 3)
+    name = prefix + "info"
+    conf = write_config(tmp_path / "c.toml", shm_prefix=prefix, num_iterations=10, poll_interval_s=0.02,
+                        discovery_interval_s=0.05, heartbeat_interval_s=0.2)  # fmt: skip
+    with leader(name, g) as ld:
+        first = DaemonProc(conf, tmp_path / "d0.log")
+        wait_for(lambda: _info_pid(ld.dom) == first.pid, 30, what="first daemon attached")
+        first.kill9()
+        # What a SIGKILL between "seq odd" and "seq even" leaves: an odd sequence number.
+        off = compute_layout(g, 64).daemon_info_off
+        with open(SHM / name, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            mm[off : off + 8] = (int.from_bytes(mm[off : off + 8], "little") | 1).to_bytes(8, "little")
+        assert _info_pid(ld.dom) is None  # readers now reject the region
+        second = DaemonProc(conf, tmp_path / "d1.log")
+        try:
+            wait_for(lambda: _info_pid(ld.dom) == second.pid, 15, what="the restarted daemon serving")
+            wid = max(ld.write() for _ in range(3))
+            wait_for(lambda: ld.dom.read_daemon_info().last_window >= wid, 15, what="a decision")
+            assert not second.lines("cannot resume"), second.log()
+            assert second.lines("daemon info left mid-write by a previous daemon"), second.log()
+        finally:
+            assert second.stop() == 0, second.log()

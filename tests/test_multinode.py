@@ -75,6 +75,12 @@ def start_daemon(tmp: Path, prefix: str, node: int, tag: str = "", **keys: Any) 
     return DaemonProc(conf, tmp / f"eplbd-{tag}.log")
 
 
+def daemon_logs(daemons: dict[int, DaemonProc]) -> str:
+    """The tail of each daemon's log, for a failure message."""
+    return "\n".join(f"--- daemon of node {n} (pid {d.pid}) ---\n{d.log()[-3000:]}"
+                     for n, d in daemons.items())  # fmt: skip
+
+
 def daemon_serving(name: str, pid: int) -> bool:
     """The daemon ``pid`` has attached ``name`` (its DaemonInfo is there)."""
     try:
@@ -177,7 +183,7 @@ def run_job(
             spec["resume"].set()
 
     res = launch(rank_main, WORLD, spec, timeout=110, on_started=side)
-    assert not errors, errors
+    assert not errors, f"{errors}\n" + daemon_logs(daemons)
     return res
 
 
@@ -233,7 +239,10 @@ def test_two_daemons_same_windows_identical_plans_across_restart(shm_prefix: str
                         daemons[1] = start_daemon(
                             tmp_path, shm_prefix, 1, tag="n1-restarted", num_iterations=40
                         )
-                        wait_for(lambda: daemon_serving(names[1], daemons[1].pid), 30, what="re-attach")
+                        try:
+                            wait_for(lambda: daemon_serving(names[1], daemons[1].pid), 30, what="re-attach")
+                        except AssertionError as e:
+                            raise AssertionError(f"{e}\n{daemon_logs({1: daemons[1]})}") from None
                         restarted = True
             wid += 1
     finally:
@@ -280,11 +289,14 @@ def test_daemon_restarted_between_triggers_next_plans_agree(shm_prefix: str, tmp
         with Domain.attach(domain_tmpl(shm_prefix).format(node=1)) as dom:
             box["last_old_plan"] = dom.latest_plan_id()  # may be past the commit we held at
         daemons[1] = start_daemon(tmp_path, shm_prefix, 1, tag="n1-restarted")
-        wait_for(
-            lambda: daemon_serving(domain_tmpl(shm_prefix).format(node=1), daemons[1].pid),
-            30,
-            what="re-attach",
-        )
+        try:
+            wait_for(
+                lambda: daemon_serving(domain_tmpl(shm_prefix).format(node=1), daemons[1].pid),
+                30,
+                what="re-attach",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{daemon_logs({1: daemons[1]})}") from None
         box["killed"] = old
 
     try:

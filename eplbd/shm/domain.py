@@ -846,6 +846,12 @@ class Domain:
         )
         self._daemon_info.write([1], [(self._daemon_info_v, np.frombuffer(raw, dtype=np.uint8))])
 
+    def daemon_info_mid_write(self) -> bool:
+        """True while the daemon-info region's sequence is odd: a write in progress, or a
+        daemon killed inside one (readers then reject the region until the next write)."""
+        self._check_open()
+        return self._daemon_info.seq % 2 == 1
+
     def read_daemon_info(self) -> DaemonInfo | None:
         """The daemon's latest info, or None if no daemon has written any."""
         self._check_open()
