@@ -25,6 +25,11 @@ from eplbd.geometry import Geometry
 from eplbd.shm import Domain
 
 READS = 200_000
+# The reader goes on past READS until it has seen this many distinct versions (or
+# DEADLINE_S passed): on a loaded machine the writer may get little CPU during the
+# first READS reads, and the race must still be exercised over many versions.
+MIN_DISTINCT = 2_000
+DEADLINE_S = 120.0
 # 2 KiB of loads per window and ~4 KiB per plan: big enough that a copy can be
 # caught half-way, small enough that 200k reads stay within seconds.
 G = Geometry(num_layers=4, num_experts=64, num_ranks=8, slots_per_rank=8)
@@ -90,13 +95,18 @@ READER = PLAN_CODE + r"""
 import json, sys, time
 from eplbd.shm import Domain, TornReadError
 name, what, reads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+min_distinct, deadline = int(sys.argv[4]), float(sys.argv[5])
 d = Domain.attach(name)
 g = d.geometry
 accepted = bad = none = torn = raw_torn = 0
 seen = set()
 view = d._ring_v[0]
 t0 = time.monotonic()
-for i in range(reads):
+i = -1
+while True:
+    i += 1
+    if i >= reads and (len(seen) >= min_distinct or time.monotonic() - t0 > deadline):
+        break
     try:
         if what == "ring":
             w = d.read_window(d.latest_window_id())
@@ -123,7 +133,7 @@ for i in range(reads):
         # The same copy without the seqlock, to show the race is real.
         raw = view.copy()
         raw_torn += not bool((raw == raw.flat[0]).all())
-print(json.dumps(dict(reads=reads, accepted=accepted, bad=bad, none=none, torn=torn,
+print(json.dumps(dict(reads=i, accepted=accepted, bad=bad, none=none, torn=torn,
                       raw_torn=raw_torn, distinct=len(seen), seconds=time.monotonic() - t0)))
 """
 
@@ -151,9 +161,9 @@ def _stress(name: str, what: str) -> dict[str, int]:
         procs.append(writer)
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready", writer.stderr.read() if writer.stderr else ""
-        reader = _py(READER, name, what, READS)
+        reader = _py(READER, name, what, READS, MIN_DISTINCT, DEADLINE_S)
         procs.append(reader)
-        out, err = reader.communicate(timeout=280)
+        out, err = reader.communicate(timeout=DEADLINE_S + 150)
         assert reader.returncode == 0, err
         return json.loads(out)
     finally:
