@@ -275,7 +275,12 @@ def test_three_plans_applied_on_both_nodes(shm_prefix: str, tmp_path: Path) -> N
     for n in (0, 2):
         assert res[n]["domain"] == domain_tmpl(shm_prefix).format(node=n // 2)
     ids = [{int(ln.split("plan=")[1].split()[0]) for ln in d.lines("decision=publish")} for d in daemons]
-    assert ids[0] == ids[1] and set(history(res, "commit")) <= ids[0]
+    # Up to the last commit both daemons published the same plans. A window that came
+    # after it may be decided by one daemon and not the other before the job shuts down
+    # (seen under load: {7, 15, 23, 31} against {7, 15, 23}).
+    last = history(res, "commit")[-1]
+    assert {i for i in ids[0] if i <= last} == {i for i in ids[1] if i <= last}, ids
+    assert set(history(res, "commit")) <= ids[0] & ids[1]
 
 
 def test_daemon_restarted_between_triggers_next_plans_agree(shm_prefix: str, tmp_path: Path) -> None:
