@@ -184,19 +184,27 @@ def paired_ci(a: np.ndarray, b: np.ndarray, block: int) -> tuple[float, float, i
     return float(m.mean()) - half, float(m.mean()) + half, k
 
 
+def compare(a: dict, b: dict) -> dict:
+    """Row ``a`` against row ``b`` (same trace and cadence): Δβ over all held-out windows and each
+    half, its :func:`paired_ci` interval (lo, hi, k) and the ratio of steady remote moves."""
+    lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
+    moves = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
+    return {"trace": a["trace"], "d_beta": a["beta_mean"] - b["beta_mean"],
+            "d_half1": a["beta_half1"] - b["beta_half1"], "d_half2": a["beta_half2"] - b["beta_half2"],
+            "lo": lo, "hi": hi, "k": k, "moves_ratio": moves}  # fmt: skip
+
+
+def _line(c: dict) -> str:
+    return (f"beta {c['d_beta']:+.4f} / {c['d_half1']:+.4f} / {c['d_half2']:+.4f}  "
+            f"95% [{c['lo']:+.4f}, {c['hi']:+.4f}] k={c['k']}")  # fmt: skip
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
-    """moveaware vs greedy per trace: Δβ, its :func:`paired_ci` interval and the steady moves ratio."""
+    """:func:`compare` of moveaware against greedy on each trace that has both rows."""
     by = {(r["trace"], r["policy"]): r for r in rows}
-    out = []
-    for tname in dict.fromkeys(r["trace"] for r in rows):
-        a, b = by.get((tname, "moveaware")), by.get((tname, "greedy"))
-        if a is None or b is None:
-            continue
-        lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
-        out.append({"trace": tname, "d_beta": a["beta_mean"] - b["beta_mean"], "lo": lo, "hi": hi, "k": k,
-                    "moves_ratio": a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"],
-                                                                           1e-9)})  # fmt: skip
-    return out
+    traces = dict.fromkeys(r["trace"] for r in rows)
+    pairs = ((by.get((t, "moveaware")), by.get((t, "greedy"))) for t in traces)
+    return [compare(a, b) for a, b in pairs if a is not None and b is not None]
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -371,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{name}: T={T}, nothing to hold out")
             continue
         interval, history = cadence(T)
-        rows += run_replays(name, tr, geometry_for(L, E), interval, history, args.forecast, **kw)
-        cases.append((name, tr, geometry_for(L, E), interval, history))
+        geo = geometry_for(L, E)
+        rows += run_replays(name, tr, geo, interval, history, args.forecast, **kw)
+        cases.append((name, tr, geo, interval, history))
     for v in variants:
         for name, tr, geo, interval, history in cases:
             r = _replay_row(name, tr, geo, "moveaware", interval, history, args.forecast,
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{x['cpu_ms_median']:.2f}); per-layer Python loop {x['per_layer_loop_ms_median']:.1f} ms "
               f"-> {x['speedup']:.1f}x")  # fmt: skip
     for r in rows:
-        if r["trace"] == "synthetic-deepseek-v3" and r["policy"] in POLICIES:
+        if r["trace"] == sname and r["policy"] in POLICIES:
             print(f"  synthetic replay, steady plans: {r['policy']:<10} {r['plan_ms_steady_median']:.2f} ms "
                   "median (policy call incl. the adaptive slack estimate, wall time)")  # fmt: skip
     by = {(r["trace"], r["policy"]): r for r in rows}
@@ -408,13 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             "held-out windows, and its 95% interval over k plan intervals, see paired_ci):"
         )
     for c in comparisons(rows):
-        a, b = by[(c["trace"], "moveaware")], by[(c["trace"], "greedy")]
-        d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
-        print(
-            f"  {c['trace']:<42} moves {c['moves_ratio']:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / "
-            f"{d[2]:+.4f}  95% [{c['lo']:+.4f}, {c['hi']:+.4f}] k={c['k']}  "
-            f"first plan {a['plan_ms_max']:.0f} ms"
-        )
+        first = by[(c["trace"], "moveaware")]["plan_ms_max"]
+        print(f"  {c['trace']:<42} moves {c['moves_ratio']:6.1%}  {_line(c)}  first plan {first:.0f} ms")
     alts = [r for r in rows if r["policy"].startswith("moveaware ")]
     if alts:
         print("\nvariants vs the default moveaware (steady remote moves per plan: default -> variant; beta "
@@ -422,20 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in alts:
         a = by[(r["trace"], "moveaware")]
         mv = f"{a['moves_remote_steady_per_plan']:.1f} -> {r['moves_remote_steady_per_plan']:.1f}"
-        d = [r[k] - a[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
-        lo, hi, k = paired_ci(np.array(r["beta_held_out"]), np.array(a["beta_held_out"]), a["interval"])
-        print(f"  {r['trace'][:30]:<30} {r['policy'][10:]:<36} moves {mv:<18} beta {d[0]:+.4f} / "
-              f"{d[1]:+.4f} / {d[2]:+.4f}  95% [{lo:+.4f}, {hi:+.4f}] k={k}")  # fmt: skip
+        print(f"  {r['trace'][:30]:<30} {r['policy'][10:]:<36} moves {mv:<18} {_line(compare(r, a))}")
     refs = [r for r in rows if r["trace"] == sname and r["policy"].startswith("greedy-")]
     if refs:
         a = by[(sname, "moveaware")]
         print("\nsynthetic: moveaware vs each reference (same line format; moves: moveaware / reference):")
         for b in refs:
-            ratio = a["moves_remote_steady_per_plan"] / max(b["moves_remote_steady_per_plan"], 1e-9)
-            d = [a[k] - b[k] for k in ("beta_mean", "beta_half1", "beta_half2")]
-            lo, hi, k = paired_ci(np.array(a["beta_held_out"]), np.array(b["beta_held_out"]), a["interval"])
-            print(f"  {b['policy']:<42} moves {ratio:6.1%}  beta {d[0]:+.4f} / {d[1]:+.4f} / {d[2]:+.4f}  "
-                  f"95% [{lo:+.4f}, {hi:+.4f}] k={k}")  # fmt: skip
+            c = compare(a, b)
+            print(f"  {b['policy']:<42} moves {c['moves_ratio']:6.1%}  {_line(c)}")
     return 0
 
 
