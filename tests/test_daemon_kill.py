@@ -207,7 +207,6 @@ def test_kill9_never_exposes_half_plan_and_restart_resumes(tmp_path: Path, prefi
     assert mid_publish >= 1, f"no kill landed mid-publish ({mid_publish}/8)"
 
 
-
 def _info_pid(dom: Any) -> int | None:
     """The pid in the domain's daemon info; None while there is none or it cannot be read."""
     from eplbd.shm import TornReadError

@@ -92,7 +92,7 @@ print(k - start, flush=True)
 """
 
 READER = PLAN_CODE + r"""
-import json, sys, time
+import itertools, json, sys, time
 from eplbd.shm import Domain, TornReadError
 name, what, reads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 min_distinct, deadline = int(sys.argv[4]), float(sys.argv[5])
@@ -102,9 +102,7 @@ accepted = bad = none = torn = raw_torn = 0
 seen = set()
 view = d._ring_v[0]
 t0 = time.monotonic()
-i = -1
-while True:
-    i += 1
+for i in itertools.count():
     if i >= reads and (len(seen) >= min_distinct or time.monotonic() - t0 > deadline):
         break
     try:
