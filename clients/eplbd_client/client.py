@@ -648,6 +648,7 @@ class EplbClient:
         # gloo matches p2p messages by tag (a late message of an aborted plan can never pair
         # with a later plan's); NCCL and HCCL ignore tags and pair each peer's operations in
         # issue order, so a plan aborted with p2p possibly in flight leaves the group unusable.
+        self._xfer_backend = xfer_backend
         self._p2p_by_order = xfer_backend != "gloo"
         self._transfer_unsafe = ""  # why later plans are refused ("" = the group is fine)
         self._active_plan: Plan | None = None  # the plan in progress (replicated: same on every rank)
@@ -1144,11 +1145,11 @@ class EplbClient:
         unmatched = self._p2p_by_order and remote and staged < changed
         if d.error != C.ERR_TRANSFER and not unmatched:
             return
-        backend = dist.get_backend(self.transfer_group)
         why = (
             "a p2p transfer failed"
             if d.error == C.ERR_TRANSFER
-            else f"the {backend} transfer group pairs p2p messages by order and some may be unmatched"
+            else f"the {self._xfer_backend} transfer group pairs p2p messages by order and some may be "
+            "unmatched"
         )
         self._transfer_unsafe = (
             f"plan {self.state.active_id} was aborted ({C.error_name(d.error)}) with "
